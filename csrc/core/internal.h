@@ -1,0 +1,273 @@
+/*
+ * Shared by the core, the transport and the algorithms; not public.
+ */
+#ifndef HC_INTERNAL_H
+#define HC_INTERNAL_H
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hetcomm.h"
+#include "transport/wire.h"
+#include "transport/zmq_lib.h"
+
+#define HC_ERROR_LEN 1024
+#define HC_MAX_INBOXES 3
+
+typedef enum hc_op_kind {
+    HC_OP_ALLREDUCE = 1,
+    HC_OP_BROADCAST,
+    HC_OP_REDUCE,
+    HC_OP_ALLGATHER,
+    HC_OP_REDUCE_SCATTER,
+    HC_OP_GATHER,
+    HC_OP_SCATTER,
+    HC_OP_ALLTOALL,
+    HC_OP_ALLTOALLV,
+    HC_OP_BARRIER,
+    HC_OP_SEND,
+    HC_OP_RECV,
+} hc_op_kind;
+
+const char *hc_op_kind_name(int kind);
+
+/* ---- errors and logging (core/errors.c) ---- */
+
+void hc_set_last_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int hc_log_enabled(int level);
+void hc_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int64_t hc_now_ns(void);
+
+/* ---- messages ---- */
+
+/* A received message. The payload lives in a ZeroMQ frame until released. */
+typedef struct hc_msg {
+    hc_wire_header h;
+    hc_zmq_msg frame;    /* header frame (holds the payload when inline) */
+    hc_zmq_msg payload;  /* second frame, when not inline */
+    int has_payload_frame;
+    const uint8_t *data;
+    size_t len;
+    int inbox;           /* which inbox it came in on (plain, ipc, secure) */
+    struct hc_msg *next;
+} hc_msg;
+
+/* ---- ops ---- */
+
+struct hc_op {
+    atomic_int refs;
+    hc_op_kind kind;
+    hc_comm *comm;
+    const void *sendbuf;
+    void *recvbuf;
+    size_t count;
+    int dtype;
+    int redop;
+    int root;     /* root rank; peer of p2p */
+    int tag;
+    size_t *vcounts; /* alltoallv: sendcounts, sdispls, recvcounts, rdispls */
+    hc_call_opts opts;
+    int timeout_ms;
+    int codec;
+    uint64_t seq;
+    int64_t deadline_ns; /* p2p receives: when a pending receive times out */
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done;
+    int status;
+    int source;
+    char error[HC_ERROR_LEN];
+
+    struct hc_op *next;
+};
+
+hc_op *hc_op_new(hc_comm *comm, hc_op_kind kind, const hc_call_opts *opts);
+void hc_op_complete(hc_op *op, int status, const char *error);
+int hc_op_failf(hc_op *op, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* ---- peers and communicators ---- */
+
+typedef struct hc_peer {
+    int rank;
+    int site;
+    char *site_name;
+    char *host;
+    char *endpoints;      /* as published: "tcp=...;ipc=...;curve=..." */
+    char *curve_key;
+    char url[256];        /* the endpoint chosen to connect to */
+    int secure;           /* CURVE on this link */
+    int nstreams;
+    void **streams;       /* PUSH sockets, one per TCP stream */
+    void *monitor;        /* PAIR receiving stream 0's socket events */
+    int hellos;           /* greetings received (one per stream of theirs) */
+    int gone;             /* its connection dropped */
+    int64_t gone_ns;
+    hc_msg *stash_head, *stash_tail; /* collective messages not yet asked for */
+    uint32_t tx_part, rx_part;       /* message counters of the running op */
+} hc_peer;
+
+/* Zero-copy sends not yet released by ZeroMQ. Separate from the comm so a
+ * late release after a failed close never touches freed memory. */
+typedef struct hc_txtrack {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    long inflight;
+} hc_txtrack;
+
+typedef struct hc_residual {
+    uint64_t key;
+    size_t count;
+    float *data;
+    struct hc_residual *next;
+} hc_residual;
+
+struct hc_comm {
+    hc_config cfg;          /* strings below are owned copies */
+    char *name;
+    char *site;
+    char *host;
+    char *bind_address;
+    char *curve_public_key;
+    char *curve_secret_key;
+    int rank;
+    int size;
+
+    void *zctx;
+    int own_ctx;
+    void *inbox[HC_MAX_INBOXES];
+    int ninbox;
+    char endpoint[768];
+    hc_peer *peers;
+    int connected;
+
+    int nsites;
+    int *ring;              /* ring order: ranks with sites kept adjacent */
+    int ring_pos;           /* this rank's index in ring */
+
+    /* worker and queues */
+    pthread_t worker;
+    int worker_started;
+    int wake_fd[2];
+    pthread_mutex_t qmu;
+    hc_op *q_head, *q_tail;         /* collectives, run in order */
+    hc_op *p2p_head, *p2p_tail;     /* p2p ops not yet started */
+    int closing;
+    uint64_t issued_seq;
+    atomic_int abort_requested;
+    char abort_reason[256];
+
+    /* state (written by the worker; read with the atomic) */
+    atomic_int status;
+    char error[HC_ERROR_LEN];
+
+    /* point-to-point matching (worker only) */
+    hc_op *recv_pending_head, *recv_pending_tail;
+    hc_msg *unexpected_head, *unexpected_tail;
+
+    hc_txtrack *tx;
+    hc_zmq_pollitem *items;
+    int nitems;
+    hc_msg *free_msgs;
+    hc_residual *residuals;
+
+    atomic_uint_fast64_t bytes_sent;
+    atomic_uint_fast64_t bytes_sent_intersite;
+};
+
+/* Words like "rank 2 (site 'b', host 'h2')" into buf. */
+const char *hc_peer_desc(const hc_comm *comm, int rank, char *buf, size_t len);
+/* Marks the communicator broken (first error wins), tells peers, and fails
+ * queued ops. Worker thread only. */
+void hc_comm_break(hc_comm *comm, int status, const char *error, int notify_peers);
+
+/* ---- the running op, as algorithms see it (core/xfer.c) ---- */
+
+typedef struct hc_exec {
+    hc_comm *comm;
+    hc_op *op;
+    int timeout_ms;
+} hc_exec;
+
+/* Sends `len` bytes to `dst` as the next message of this op. Large payloads
+ * go zero-copy: the bytes must stay unchanged until hc_xsend_wait(). */
+int hc_xsend(hc_exec *x, int dst, const void *buf, size_t len);
+/* Sends the payload of a received message on to `dst` without copying it;
+ * `m` stays readable. */
+int hc_xforward(hc_exec *x, int dst, hc_msg *m);
+/* The next message of this op from `src`. Release it with hc_xrelease. */
+int hc_xrecv(hc_exec *x, int src, hc_msg **out);
+/* hc_xrecv, checks the length is exactly `len`, copies it to buf. */
+int hc_xrecv_into(hc_exec *x, int src, void *buf, size_t len);
+void hc_xrelease(hc_exec *x, hc_msg *m);
+/* Waits until ZeroMQ has released every zero-copy buffer of this op. */
+int hc_xsend_wait(hc_exec *x);
+/* Fails the op with a formatted error; returns status. */
+int hc_xfail(hc_exec *x, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* ---- progress engine (core/progress.c) ---- */
+
+/* Waits for message number `part` of collective `seq` from `src`. */
+int hc_progress_wait(hc_comm *comm, hc_op *op, int src, uint32_t part, int timeout_ms,
+                     hc_msg **out);
+/* Waits until ZeroMQ released every zero-copy send, servicing nothing else. */
+int hc_progress_tx_drain(hc_comm *comm, hc_op *op, int timeout_ms);
+/* One idle round of the worker: waits for work or messages. */
+void hc_progress_idle(hc_comm *comm);
+/* Greets every peer; waits for all greetings. */
+int hc_progress_handshake(hc_comm *comm);
+hc_msg *hc_msg_alloc(hc_comm *comm);
+void hc_msg_free(hc_comm *comm, hc_msg *m);
+
+/* ---- transport (transport/zmq.c) ---- */
+
+int hc_tp_bind(hc_comm *comm);
+int hc_tp_connect_peer(hc_comm *comm, hc_peer *peer);
+void hc_tp_build_pollset(hc_comm *comm);
+/* Sends header + payload to peer on the stream chosen by header->part. */
+int hc_tp_send(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payload,
+               size_t len);
+/* Sends header + the payload frame of `m` (shared, not copied). */
+int hc_tp_forward(hc_comm *comm, hc_peer *peer, hc_wire_header *h, hc_msg *m);
+/* Non-blocking: 1 and *out set when a message was waiting, 0 when none, or
+ * a negative hc_status (as -status) on failure. */
+int hc_tp_try_recv(hc_comm *comm, int inbox, hc_msg **out);
+/* Reads one monitor event of `peer`: the event code, or 0 when none. */
+int hc_tp_read_monitor(hc_comm *comm, hc_peer *peer);
+void hc_tp_close_peers(hc_comm *comm, int linger_ms);
+void hc_tp_close_all(hc_comm *comm);
+void hc_tp_release_msg(hc_msg *m);
+void hc_tx_add(hc_txtrack *tx, long n);
+int hc_tx_wait(hc_txtrack *tx, int timeout_ms);
+
+/* ---- point-to-point engine (algo/p2p.c) ---- */
+
+void hc_p2p_start(hc_comm *comm, hc_op *op);
+/* Takes ownership of a P2P message: completes a posted receive or keeps it. */
+void hc_p2p_deliver(hc_comm *comm, hc_msg *m);
+/* Times out overdue receives; returns ms until the next deadline, -1 if none. */
+long hc_p2p_expire(hc_comm *comm, int64_t now_ns);
+void hc_p2p_fail_all(hc_comm *comm, int status, const char *error);
+
+/* ---- algorithms (algo/*.c) ---- */
+
+int hc_allreduce_ring(hc_exec *x);
+int hc_allreduce_recursive_doubling(hc_exec *x);
+int hc_reduce_scatter_ring(hc_exec *x);
+int hc_allgather_ring(hc_exec *x);
+int hc_broadcast_run(hc_exec *x);
+int hc_reduce_run(hc_exec *x);
+int hc_gather_run(hc_exec *x);
+int hc_scatter_run(hc_exec *x);
+int hc_alltoall_run(hc_exec *x);
+int hc_barrier_run(hc_exec *x);
+
+/* Splits `count` elements into `parts` nearly equal runs: the start of run i. */
+static inline size_t hc_split(size_t count, int parts, int i) {
+    return (size_t)((unsigned __int128)count * (unsigned)i / (unsigned)parts);
+}
+
+#endif

@@ -1,0 +1,53 @@
+/*
+ * What travels on the wire. Every ZeroMQ message hetcomm sends starts with
+ * this header, so a receiver can tell a stray or mismatched message from the
+ * one it waits for and say exactly which calls disagreed.
+ *
+ * A message is either one frame (header + inline payload, for small payloads
+ * that are cheaper to copy than to track) or two frames (header, then the
+ * payload sent zero-copy from the caller's buffer).
+ */
+#ifndef HC_WIRE_H
+#define HC_WIRE_H
+
+#include <stdint.h>
+
+#define HC_WIRE_MAGIC 0x314d4348u /* "HCM1" little-endian */
+#define HC_WIRE_VERSION 1
+
+typedef enum hc_msg_kind {
+    HC_MSG_HELLO = 1, /* greeting on each stream after connecting */
+    HC_MSG_DATA = 2,  /* part of a collective */
+    HC_MSG_P2P = 3,   /* a point-to-point send */
+    HC_MSG_ABORT = 4, /* the sender broke the communicator; payload: reason */
+} hc_msg_kind;
+
+enum {
+    HC_WIRE_INLINE = 1, /* payload follows the header in the same frame */
+};
+
+typedef struct hc_wire_header {
+    uint32_t magic;
+    uint8_t version;
+    uint8_t kind;   /* hc_msg_kind */
+    uint8_t op;     /* hc_op_kind of the sender's call */
+    uint8_t dtype;
+    uint8_t redop;
+    uint8_t codec;
+    uint8_t flags;
+    uint8_t algo;
+    int32_t src;    /* sender rank */
+    int32_t root;   /* root of rooted collectives, tag of p2p, status of ABORT */
+    uint64_t comm_id;
+    uint64_t seq;   /* collective sequence number; session token in HELLO */
+    uint64_t count; /* element count of the sender's call */
+    uint32_t part;  /* message index within the op, per (sender, receiver) */
+    uint32_t reserved;
+    uint64_t len;   /* payload bytes */
+} hc_wire_header;
+
+_Static_assert(sizeof(hc_wire_header) == 56, "wire header layout changed");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+               "the wire format is little-endian; big-endian hosts need byte swaps");
+
+#endif
