@@ -36,6 +36,8 @@ if os.environ.get("HETCOMM_DEBUG_BUILD"):
 
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header())
+# The C core logs through this Python callback (see hetcomm/_native.py).
+ffibuilder.cdef('extern "Python" void hc_python_log(int, const char *, void *);')
 ffibuilder.set_source(
     "hetcomm._capi",
     '#include "hetcomm.h"\n',

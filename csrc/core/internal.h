@@ -16,6 +16,7 @@
 
 #define HC_ERROR_LEN 1024
 #define HC_MAX_INBOXES 3
+#define HC_SCRATCH_SLOTS 4
 
 typedef enum hc_op_kind {
     HC_OP_ALLREDUCE = 1,
@@ -104,19 +105,30 @@ typedef struct hc_peer {
     void **streams;       /* PUSH sockets, one per TCP stream */
     void *monitor;        /* PAIR receiving stream 0's socket events */
     int hellos;           /* greetings received (one per stream of theirs) */
+    int peer_streams;     /* how many streams the peer opened to this rank */
     int gone;             /* its connection dropped */
     int64_t gone_ns;
     hc_msg *stash_head, *stash_tail; /* collective messages not yet asked for */
     uint32_t tx_part, rx_part;       /* message counters of the running op */
 } hc_peer;
 
-/* Zero-copy sends not yet released by ZeroMQ. Separate from the comm so a
- * late release after a failed close never touches freed memory. */
-typedef struct hc_txtrack {
+/* Zero-copy sends not yet released by ZeroMQ, in two groups so an algorithm
+ * can wait for the buffers it is about to overwrite and not for the ones it
+ * just sent. Separate from the comm so a late release after a failed close
+ * never touches freed memory. A byte on fd[1] wakes the progress engine
+ * whenever a group drains. */
+#define HC_TX_GROUPS 2
+typedef struct hc_txtrack hc_txtrack;
+typedef struct hc_txgroup {
+    hc_txtrack *tx;
+    long inflight;
+} hc_txgroup;
+struct hc_txtrack {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    long inflight;
-} hc_txtrack;
+    int fd[2];
+    hc_txgroup group[HC_TX_GROUPS];
+};
 
 typedef struct hc_residual {
     uint64_t key;
@@ -156,6 +168,7 @@ struct hc_comm {
     hc_op *q_head, *q_tail;         /* collectives, run in order */
     hc_op *p2p_head, *p2p_tail;     /* p2p ops not yet started */
     int closing;
+    int quiesced;
     uint64_t issued_seq;
     atomic_int abort_requested;
     char abort_reason[256];
@@ -173,16 +186,25 @@ struct hc_comm {
     int nitems;
     hc_msg *free_msgs;
     hc_residual *residuals;
+    void *scratch[HC_SCRATCH_SLOTS]; /* grow-only work buffers of the worker */
+    size_t scratch_len[HC_SCRATCH_SLOTS];
 
     atomic_uint_fast64_t bytes_sent;
     atomic_uint_fast64_t bytes_sent_intersite;
 };
 
+/* A work buffer of at least `bytes` that stays with the communicator, so
+ * large ops do not pay for fresh pages every time. Worker thread only. */
+void *hc_comm_scratch(hc_comm *comm, int slot, size_t bytes);
 /* Words like "rank 2 (site 'b', host 'h2')" into buf. */
 const char *hc_peer_desc(const hc_comm *comm, int rank, char *buf, size_t len);
-/* Marks the communicator broken (first error wins), tells peers, and fails
- * queued ops. Worker thread only. */
+/* Marks the communicator broken (first error wins), tells the peers, and
+ * fails pending receives. Safe inside a running op, whose next wait then
+ * fails. Worker thread only. */
 void hc_comm_break(hc_comm *comm, int status, const char *error, int notify_peers);
+/* After a break, at a point where no op is mid-flight: closes the links and
+ * waits until ZeroMQ has let go of every user buffer. */
+void hc_comm_quiesce(hc_comm *comm);
 
 /* ---- the running op, as algorithms see it (core/xfer.c) ---- */
 
@@ -190,6 +212,7 @@ typedef struct hc_exec {
     hc_comm *comm;
     hc_op *op;
     int timeout_ms;
+    int tx_group; /* which hc_txgroup zero-copy sends count in */
 } hc_exec;
 
 /* Sends `len` bytes to `dst` as the next message of this op. Large payloads
@@ -203,8 +226,18 @@ int hc_xrecv(hc_exec *x, int src, hc_msg **out);
 /* hc_xrecv, checks the length is exactly `len`, copies it to buf. */
 int hc_xrecv_into(hc_exec *x, int src, void *buf, size_t len);
 void hc_xrelease(hc_exec *x, hc_msg *m);
-/* Waits until ZeroMQ has released every zero-copy buffer of this op. */
-int hc_xsend_wait(hc_exec *x);
+/* hc_xsend that always copies (for buffers about to be overwritten). */
+int hc_xsend_copy(hc_exec *x, int dst, const void *buf, size_t len);
+/* Waits until ZeroMQ has released the zero-copy buffers of `group` (-1: all). */
+int hc_xsend_wait(hc_exec *x, int group);
+/* A run of `count` elements goes as pieces of the communicator's chunk size
+ * (at least one message, even when empty, so the receiver can check sizes). */
+size_t hc_chunk_elems(hc_exec *x);
+static inline size_t hc_piece_count(size_t count, size_t chunk_elems) {
+    return count ? (count + chunk_elems - 1) / chunk_elems : 1;
+}
+int hc_xsend_run(hc_exec *x, int dst, const void *buf, size_t count);
+int hc_xrecv_run(hc_exec *x, int src, void *buf, size_t count);
 /* Fails the op with a formatted error; returns status. */
 int hc_xfail(hc_exec *x, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
@@ -213,8 +246,8 @@ int hc_xfail(hc_exec *x, int status, const char *fmt, ...) __attribute__((format
 /* Waits for message number `part` of collective `seq` from `src`. */
 int hc_progress_wait(hc_comm *comm, hc_op *op, int src, uint32_t part, int timeout_ms,
                      hc_msg **out);
-/* Waits until ZeroMQ released every zero-copy send, servicing nothing else. */
-int hc_progress_tx_drain(hc_comm *comm, hc_op *op, int timeout_ms);
+/* Waits until ZeroMQ released the zero-copy sends of `group` (-1: all). */
+int hc_progress_tx_drain(hc_comm *comm, hc_op *op, int group, int timeout_ms);
 /* One idle round of the worker: waits for work or messages. */
 void hc_progress_idle(hc_comm *comm);
 /* Greets every peer; waits for all greetings. */
@@ -229,7 +262,7 @@ int hc_tp_connect_peer(hc_comm *comm, hc_peer *peer);
 void hc_tp_build_pollset(hc_comm *comm);
 /* Sends header + payload to peer on the stream chosen by header->part. */
 int hc_tp_send(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payload,
-               size_t len);
+               size_t len, int tx_group /* -1: copy */);
 /* Sends header + the payload frame of `m` (shared, not copied). */
 int hc_tp_forward(hc_comm *comm, hc_peer *peer, hc_wire_header *h, hc_msg *m);
 /* Non-blocking: 1 and *out set when a message was waiting, 0 when none, or
@@ -238,10 +271,15 @@ int hc_tp_try_recv(hc_comm *comm, int inbox, hc_msg **out);
 /* Reads one monitor event of `peer`: the event code, or 0 when none. */
 int hc_tp_read_monitor(hc_comm *comm, hc_peer *peer);
 void hc_tp_close_peers(hc_comm *comm, int linger_ms);
-void hc_tp_close_all(hc_comm *comm);
+void hc_tp_close_all(hc_comm *comm, int linger_ms);
 void hc_tp_release_msg(hc_msg *m);
-void hc_tx_add(hc_txtrack *tx, long n);
-int hc_tx_wait(hc_txtrack *tx, int timeout_ms);
+hc_txtrack *hc_tx_new(void);
+void hc_tx_free(hc_txtrack *tx);
+long hc_tx_inflight(hc_txtrack *tx, int group);
+int hc_tx_wait(hc_txtrack *tx, int group, int timeout_ms);
+
+/* The error-feedback residual of `key`, zeroed when new or resized. */
+float *hc_residual_get(hc_comm *comm, uint64_t key, size_t count);
 
 /* ---- point-to-point engine (algo/p2p.c) ---- */
 
@@ -252,7 +290,7 @@ void hc_p2p_deliver(hc_comm *comm, hc_msg *m);
 long hc_p2p_expire(hc_comm *comm, int64_t now_ns);
 void hc_p2p_fail_all(hc_comm *comm, int status, const char *error);
 
-/* ---- algorithms (algo/*.c) ---- */
+/* ---- algorithms (one file each under algo/) ---- */
 
 int hc_allreduce_ring(hc_exec *x);
 int hc_allreduce_recursive_doubling(hc_exec *x);

@@ -38,6 +38,7 @@ typedef struct hc_wire_header {
     uint8_t algo;
     int32_t src;    /* sender rank */
     int32_t root;   /* root of rooted collectives, tag of p2p, status of ABORT */
+    uint32_t reserved0;
     uint64_t comm_id;
     uint64_t seq;   /* collective sequence number; session token in HELLO */
     uint64_t count; /* element count of the sender's call */
@@ -46,7 +47,7 @@ typedef struct hc_wire_header {
     uint64_t len;   /* payload bytes */
 } hc_wire_header;
 
-_Static_assert(sizeof(hc_wire_header) == 56, "wire header layout changed");
+_Static_assert(sizeof(hc_wire_header) == 64, "wire header layout changed");
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
                "the wire format is little-endian; big-endian hosts need byte swaps");
 

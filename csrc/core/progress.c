@@ -1,0 +1,433 @@
+/*
+ * The progress engine: the one loop that waits on the network for the worker.
+ *
+ * Everything arrives in this rank's inboxes, from every peer, in whatever
+ * order the peers ran. Each wait drains the inboxes and files what it finds:
+ * the message being waited for is returned; messages of collectives not yet
+ * reached are kept per sender (the stash); point-to-point messages go to the
+ * p2p engine; an ABORT from a peer fails the wait; garbage is dropped with a
+ * warning, so a stray client on a port cannot break a job. Between drains
+ * it blocks in zmq_poll on the inboxes, the wake-up pipe (new ops, abort
+ * requests), the zero-copy release pipe and the peers' monitors.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/internal.h"
+
+/* After a peer's connection drops, messages it sent before exiting may still
+ * be in flight on its other connection; wait this long for them. */
+#define HC_GONE_GRACE_MS 2000
+
+hc_msg *hc_msg_alloc(hc_comm *c) {
+    hc_msg *m = c->free_msgs;
+    if (m) {
+        c->free_msgs = m->next;
+    } else if (!(m = malloc(sizeof *m))) {
+        return NULL;
+    }
+    m->has_payload_frame = 0;
+    m->data = NULL;
+    m->len = 0;
+    m->next = NULL;
+    return m;
+}
+
+void hc_msg_free(hc_comm *c, hc_msg *m) {
+    m->next = c->free_msgs;
+    c->free_msgs = m;
+}
+
+static void drop(hc_comm *c, hc_msg *m) {
+    hc_tp_release_msg(m);
+    hc_msg_free(c, m);
+}
+
+static const char *call_desc(char *buf, size_t len, int kind, uint64_t count, int dtype,
+                             int redop, int root) {
+    int n = snprintf(buf, len, "%s(count=%" PRIu64 ", dtype=%s", hc_op_kind_name(kind), count,
+                     hc_dtype_name(dtype));
+    if (kind == HC_OP_ALLREDUCE || kind == HC_OP_REDUCE || kind == HC_OP_REDUCE_SCATTER)
+        n += snprintf(buf + n, len - (size_t)n, ", op=%s", hc_redop_name(redop));
+    if (kind == HC_OP_BROADCAST || kind == HC_OP_REDUCE || kind == HC_OP_GATHER ||
+        kind == HC_OP_SCATTER)
+        n += snprintf(buf + n, len - (size_t)n, ", root=%d", root);
+    snprintf(buf + n, len - (size_t)n, ")");
+    return buf;
+}
+
+/* A message of the same collective number must come from the same call. */
+static int check_signature(hc_comm *c, hc_op *op, const hc_msg *m) {
+    const hc_wire_header *h = &m->h;
+    int same = h->op == op->kind && h->dtype == op->dtype;
+    if (op->kind == HC_OP_ALLREDUCE || op->kind == HC_OP_REDUCE || op->kind == HC_OP_REDUCE_SCATTER)
+        same = same && h->redop == op->redop;
+    if (op->kind == HC_OP_BROADCAST || op->kind == HC_OP_REDUCE || op->kind == HC_OP_GATHER ||
+        op->kind == HC_OP_SCATTER)
+        same = same && h->root == op->root;
+    if (op->kind != HC_OP_ALLTOALLV && op->kind != HC_OP_BARRIER) same = same && h->count == op->count;
+    if (same) return HC_OK;
+    char mine[160], theirs[160], who[160];
+    return hc_op_failf(op, HC_ERR_MISMATCH,
+                       "collective #%" PRIu64 " differs across ranks: rank %d called %s but %s called %s",
+                       op->seq, c->rank,
+                       call_desc(mine, sizeof mine, op->kind, op->count, op->dtype, op->redop, op->root),
+                       hc_peer_desc(c, h->src, who, sizeof who),
+                       call_desc(theirs, sizeof theirs, h->op, h->count, h->dtype, h->redop, h->root));
+}
+
+static void warn_dropped(hc_comm *c, const hc_msg *m, const char *why) {
+    hc_log(HC_LOG_WARNING,
+           "%s: rank %d dropped a message on its port: %s (magic %08x, version %u, src %d)",
+           c->name, c->rank, why, m->h.magic, m->h.version, m->h.src);
+}
+
+/* What the engine is waiting for; NULL op while idle. */
+typedef struct want {
+    hc_op *op;
+    int src;
+    uint32_t part;
+    hc_msg *found;
+} want;
+
+static void stash(hc_peer *p, hc_msg *m) {
+    m->next = NULL;
+    if (p->stash_tail)
+        p->stash_tail->next = m;
+    else
+        p->stash_head = m;
+    p->stash_tail = m;
+}
+
+static hc_msg *unstash(hc_peer *p, uint64_t seq, uint32_t part) {
+    for (hc_msg *prev = NULL, *m = p->stash_head; m; prev = m, m = m->next) {
+        if (m->h.seq != seq || m->h.part != part) continue;
+        if (prev)
+            prev->next = m->next;
+        else
+            p->stash_head = m->next;
+        if (p->stash_tail == m) p->stash_tail = prev;
+        m->next = NULL;
+        return m;
+    }
+    return NULL;
+}
+
+static uint64_t current_seq(hc_comm *c, hc_op *op) { return op ? op->seq : 0; }
+
+/* Files one message. Returns HC_OK, or an error status for the wait. */
+static int dispatch(hc_comm *c, want *w, hc_msg *m) {
+    hc_wire_header *h = &m->h;
+    if (h->magic != HC_WIRE_MAGIC) {
+        warn_dropped(c, m, "not a hetcomm message");
+        drop(c, m);
+        return HC_OK;
+    }
+    if (h->version != HC_WIRE_VERSION) {
+        hc_log(HC_LOG_ERROR, "%s: rank %d got wire version %u from rank %d, expected %u", c->name,
+               c->rank, h->version, h->src, HC_WIRE_VERSION);
+        drop(c, m);
+        return HC_OK;
+    }
+    if (h->comm_id != c->cfg.comm_id || h->src < 0 || h->src >= c->size || h->src == c->rank) {
+        warn_dropped(c, m, "from another communicator or an unknown rank");
+        drop(c, m);
+        return HC_OK;
+    }
+    hc_peer *p = &c->peers[h->src];
+    switch (h->kind) {
+    case HC_MSG_HELLO:
+        if (h->seq != c->cfg.session_token) {
+            warn_dropped(c, m, "greeting with the wrong session token (another job on this port?)");
+        } else {
+            p->hellos++;
+            p->peer_streams = (int)h->count;
+        }
+        drop(c, m);
+        return HC_OK;
+    case HC_MSG_ABORT: {
+        char who[160];
+        int status = h->root > HC_OK && h->root < HC_IN_PROGRESS ? h->root : HC_ERR_ABORTED;
+        int rc = w->op ? hc_op_failf(w->op, status, "%s aborted the communicator: %.*s",
+                                     hc_peer_desc(c, h->src, who, sizeof who), (int)m->len,
+                                     (const char *)m->data)
+                       : status;
+        if (!w->op) {
+            char msg[HC_ERROR_LEN];
+            snprintf(msg, sizeof msg, "%s aborted the communicator: %.*s",
+                     hc_peer_desc(c, h->src, who, sizeof who), (int)m->len, (const char *)m->data);
+            hc_comm_break(c, status, msg, 0);
+        }
+        drop(c, m);
+        return rc;
+    }
+    case HC_MSG_P2P:
+        hc_p2p_deliver(c, m);
+        return HC_OK;
+    case HC_MSG_DATA: {
+        uint64_t cur = current_seq(c, w->op);
+        if (w->op && h->seq == cur) {
+            int rc = check_signature(c, w->op, m);
+            if (rc != HC_OK) {
+                drop(c, m);
+                return rc;
+            }
+            if (h->src == w->src && h->part == w->part && !w->found) {
+                w->found = m;
+                return HC_OK;
+            }
+        } else if (w->op && h->seq < cur) {
+            char who[160];
+            int rc = hc_op_failf(w->op, HC_ERR_PROTOCOL,
+                                 "%s sent a message of collective #%" PRIu64
+                                 " while this rank runs #%" PRIu64
+                                 "; the ranks issued different numbers of collectives",
+                                 hc_peer_desc(c, h->src, who, sizeof who), h->seq, cur);
+            drop(c, m);
+            return rc;
+        }
+        stash(p, m);
+        return HC_OK;
+    }
+    default:
+        warn_dropped(c, m, "unknown message kind");
+        drop(c, m);
+        return HC_OK;
+    }
+}
+
+static int drain_inboxes(hc_comm *c, want *w) {
+    for (int i = 0; i < c->ninbox; i++) {
+        hc_msg *m;
+        int r;
+        while ((r = hc_tp_try_recv(c, i, &m)) == 1) {
+            int rc = dispatch(c, w, m);
+            if (rc != HC_OK) return rc;
+            if (w->found) return HC_OK;
+        }
+        if (r < 0) return w->op ? hc_op_failf(w->op, -r, "%s", hc_last_error()) : -r;
+    }
+    return HC_OK;
+}
+
+static void drain_pipe(int fd) {
+    char buf[64];
+    while (read(fd, buf, sizeof buf) > 0) {
+    }
+}
+
+/* New p2p ops, abort requests, monitor events. */
+static int service_control(hc_comm *c, want *w) {
+    if (atomic_load(&c->status) != HC_OK) {
+        hc_set_last_error("%s", c->error);
+        return w->op ? hc_op_failf(w->op, atomic_load(&c->status), "%s", c->error) : atomic_load(&c->status);
+    }
+    drain_pipe(c->wake_fd[0]);
+    drain_pipe(c->tx->fd[0]);
+    pthread_mutex_lock(&c->qmu);
+    hc_op *p2p = c->p2p_head;
+    c->p2p_head = c->p2p_tail = NULL;
+    pthread_mutex_unlock(&c->qmu);
+    while (p2p) {
+        hc_op *next = p2p->next;
+        p2p->next = NULL;
+        hc_p2p_start(c, p2p);
+        p2p = next;
+    }
+    if (atomic_load(&c->abort_requested)) {
+        hc_set_last_error("aborted on rank %d: %s", c->rank, c->abort_reason);
+        return w->op ? hc_op_failf(w->op, HC_ERR_ABORTED, "%s", hc_last_error()) : HC_ERR_ABORTED;
+    }
+    for (int r = 0; r < c->size; r++) {
+        hc_peer *p = &c->peers[r];
+        if (r == c->rank || !p->monitor) continue;
+        for (int ev; (ev = hc_tp_read_monitor(c, p)) != 0;) {
+            char who[160];
+            if (ev == HC_ZMQ_EVENT_DISCONNECTED) {
+                if (!p->gone) {
+                    p->gone = 1;
+                    p->gone_ns = hc_now_ns();
+                    hc_log(HC_LOG_INFO, "%s: rank %d lost its connection to %s", c->name, c->rank,
+                           hc_peer_desc(c, r, who, sizeof who));
+                }
+            } else if (ev & (HC_ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | HC_ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                             HC_ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL)) {
+                const char *why = p->secure ? "refused this rank's CURVE key, or its own key is not the one "
+                                              "this rank expects"
+                                            : "failed the ZeroMQ handshake";
+                char msg[HC_ERROR_LEN];
+                snprintf(msg, sizeof msg, "rank %d: the link to %s (%s) %s", c->rank,
+                         hc_peer_desc(c, r, who, sizeof who), p->url, why);
+                if (w->op) return hc_op_failf(w->op, p->secure ? HC_ERR_AUTH : HC_ERR_PROTOCOL, "%s", msg);
+                hc_set_last_error("%s", msg);
+                return p->secure ? HC_ERR_AUTH : HC_ERR_PROTOCOL;
+            }
+        }
+    }
+    return HC_OK;
+}
+
+static long ms_until(int64_t deadline_ns, int64_t now) {
+    if (deadline_ns == INT64_MAX) return -1;
+    int64_t d = deadline_ns - now;
+    return d <= 0 ? 0 : (long)((d + 999999) / 1000000);
+}
+
+static long min_timeout(long a, long b) {
+    if (a < 0) return b;
+    if (b < 0) return a;
+    return a < b ? a : b;
+}
+
+static int poll_items(hc_comm *c, hc_op *op, long timeout_ms) {
+    if (hc_zmq.poll(c->items, c->nitems, timeout_ms) >= 0) return HC_OK;
+    int e = hc_zmq.errno_();
+    if (e == EINTR) return HC_OK; /* a signal for another thread: just wait again */
+    if (op) return hc_op_failf(op, HC_ERR_TRANSPORT, "zmq_poll: %s", hc_zmq.strerror(e));
+    return HC_ERR_TRANSPORT;
+}
+
+int hc_progress_wait(hc_comm *c, hc_op *op, int src, uint32_t part, int timeout_ms, hc_msg **out) {
+    hc_peer *p = &c->peers[src];
+    hc_msg *m = unstash(p, op->seq, part);
+    if (m) {
+        int rc = check_signature(c, op, m);
+        if (rc != HC_OK) {
+            drop(c, m);
+            return rc;
+        }
+        *out = m;
+        return HC_OK;
+    }
+    int64_t start = hc_now_ns();
+    int64_t deadline = timeout_ms < 0 ? INT64_MAX : start + (int64_t)timeout_ms * 1000000;
+    want w = {op, src, part, NULL};
+    for (;;) {
+        int rc = drain_inboxes(c, &w);
+        if (rc != HC_OK) return rc;
+        if (w.found) {
+            *out = w.found;
+            return HC_OK;
+        }
+        if ((rc = service_control(c, &w)) != HC_OK) return rc;
+        int64_t now = hc_now_ns();
+        char who[160];
+        if (p->gone && now >= p->gone_ns + (int64_t)HC_GONE_GRACE_MS * 1000000)
+            return hc_op_failf(op, HC_ERR_PEER_LOST,
+                               "%s closed its connection (it exited, crashed or destroyed its "
+                               "communicator) while rank %d waited for message %u of %s #%" PRIu64,
+                               hc_peer_desc(c, src, who, sizeof who), c->rank, part,
+                               hc_op_kind_name(op->kind), op->seq);
+        if (now >= deadline)
+            return hc_op_failf(op, HC_ERR_TIMEOUT,
+                               "rank %d timed out after %d ms waiting for %s in %s #%" PRIu64
+                               " (message %u); that rank is slower, stuck, dead, or not calling "
+                               "this collective",
+                               c->rank, timeout_ms, hc_peer_desc(c, src, who, sizeof who),
+                               hc_op_kind_name(op->kind), op->seq, part);
+        long wait = ms_until(deadline, now);
+        wait = min_timeout(wait, hc_p2p_expire(c, now));
+        if (p->gone) wait = min_timeout(wait, ms_until(p->gone_ns + (int64_t)HC_GONE_GRACE_MS * 1000000, now));
+        if ((rc = poll_items(c, op, wait)) != HC_OK) return rc;
+    }
+}
+
+int hc_progress_tx_drain(hc_comm *c, hc_op *op, int group, int timeout_ms) {
+    int64_t deadline = timeout_ms < 0 ? INT64_MAX : hc_now_ns() + (int64_t)timeout_ms * 1000000;
+    want w = {op, -1, 0, NULL};
+    for (;;) {
+        if (hc_tx_inflight(c->tx, group) == 0) return HC_OK;
+        /* Keep filing arrivals so an ABORT or a drop is noticed while waiting. */
+        int rc = drain_inboxes(c, &w);
+        if (rc == HC_OK) rc = service_control(c, &w);
+        if (rc != HC_OK) return rc;
+        if (hc_tx_inflight(c->tx, group) == 0) return HC_OK;
+        int64_t now = hc_now_ns();
+        if (now >= deadline)
+            return hc_op_failf(op, HC_ERR_TIMEOUT,
+                               "rank %d timed out after %d ms waiting for its peers to take the "
+                               "data it sent in %s #%" PRIu64,
+                               c->rank, timeout_ms, hc_op_kind_name(op->kind), op->seq);
+        if ((rc = poll_items(c, op, ms_until(deadline, now))) != HC_OK) return rc;
+    }
+}
+
+void hc_progress_idle(hc_comm *c) {
+    want w = {NULL, -1, 0, NULL};
+    if (atomic_load(&c->status) != HC_OK) {
+        /* Broken: only new ops (to fail them) and the close matter. */
+        hc_comm_quiesce(c);
+        hc_zmq_pollitem wake = {NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
+        hc_zmq.poll(&wake, 1, -1);
+        drain_pipe(c->wake_fd[0]);
+        pthread_mutex_lock(&c->qmu);
+        hc_op *p2p = c->p2p_head;
+        c->p2p_head = c->p2p_tail = NULL;
+        pthread_mutex_unlock(&c->qmu);
+        for (hc_op *next; p2p; p2p = next) {
+            next = p2p->next;
+            hc_op_complete(p2p, HC_ERR_ABORTED, c->error);
+        }
+        return;
+    }
+    int rc = drain_inboxes(c, &w);
+    if (rc == HC_OK) rc = service_control(c, &w);
+    if (rc != HC_OK) {
+        if (atomic_load(&c->status) == HC_OK) hc_comm_break(c, rc, hc_last_error(), 1);
+        return;
+    }
+    pthread_mutex_lock(&c->qmu);
+    int work = c->q_head != NULL || c->p2p_head != NULL || c->closing;
+    pthread_mutex_unlock(&c->qmu);
+    if (work) return;
+    poll_items(c, NULL, hc_p2p_expire(c, hc_now_ns()));
+}
+
+int hc_progress_handshake(hc_comm *c) {
+    hc_wire_header h = {0};
+    h.magic = HC_WIRE_MAGIC;
+    h.version = HC_WIRE_VERSION;
+    h.kind = HC_MSG_HELLO;
+    h.src = c->rank;
+    h.comm_id = c->cfg.comm_id;
+    h.seq = c->cfg.session_token;
+    for (int r = 0; r < c->size; r++) {
+        if (r == c->rank) continue;
+        hc_peer *p = &c->peers[r];
+        h.count = (uint64_t)p->nstreams; /* tells the peer how many greetings to expect */
+        for (int s = 0; s < p->nstreams; s++) {
+            h.part = (uint32_t)s;
+            int rc = hc_tp_send(c, p, &h, NULL, 0, -1);
+            if (rc != HC_OK) return rc;
+        }
+    }
+    int64_t deadline = hc_now_ns() + (int64_t)c->cfg.timeout_ms * 1000000;
+    want w = {NULL, -1, 0, NULL};
+    for (;;) {
+        int rc = drain_inboxes(c, &w);
+        if (rc == HC_OK) rc = service_control(c, &w);
+        if (rc != HC_OK) return rc;
+        int complete = 1;
+        for (int r = 0; r < c->size; r++)
+            if (r != c->rank && (c->peers[r].peer_streams == 0 || c->peers[r].hellos < c->peers[r].peer_streams))
+                complete = 0;
+        if (complete) return HC_OK;
+        int64_t now = hc_now_ns();
+        if (now >= deadline) {
+            char missing[512] = "";
+            size_t n = 0;
+            for (int r = 0; r < c->size && n < sizeof missing - 16; r++)
+                if (r != c->rank && (c->peers[r].peer_streams == 0 || c->peers[r].hellos < c->peers[r].peer_streams))
+                    n += (size_t)snprintf(missing + n, sizeof missing - n, "%s%d", n ? ", " : "", r);
+            hc_set_last_error("%s: rank %d heard nothing within %d ms from rank(s) %s; they did "
+                              "not start, cannot reach this rank's address (%s), or are another job",
+                              c->name, c->rank, c->cfg.timeout_ms, missing, c->endpoint);
+            return HC_ERR_TIMEOUT;
+        }
+        poll_items(c, NULL, ms_until(deadline, now));
+    }
+}

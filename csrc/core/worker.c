@@ -1,0 +1,93 @@
+/*
+ * The worker thread: one per communicator, the only thread that touches its
+ * sockets. It runs collectives one at a time in issue order and keeps the
+ * point-to-point engine moving between and during them.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core/internal.h"
+
+static int is_float(int dtype) {
+    return dtype == HC_FLOAT32 || dtype == HC_FLOAT64 || dtype == HC_FLOAT16 || dtype == HC_BFLOAT16;
+}
+
+static int allreduce(hc_exec *x) {
+    hc_comm *c = x->comm;
+    hc_op *op = x->op;
+    size_t bytes = op->count * hc_dtype_size(op->dtype);
+    int algo = op->opts.algo != HC_ALGO_AUTO ? op->opts.algo : c->cfg.algo;
+    if (algo == HC_ALGO_AUTO) algo = bytes < c->cfg.small_bytes ? HC_ALGO_RECURSIVE_DOUBLING : HC_ALGO_RING;
+    if (op->codec != HC_CODEC_NONE && is_float(op->dtype)) algo = HC_ALGO_RING;
+    if (hc_log_enabled(HC_LOG_DEBUG))
+        hc_log(HC_LOG_DEBUG, "%s: allreduce #%" PRIu64 " of %zu bytes: %s", c->name, op->seq, bytes,
+               algo == HC_ALGO_RECURSIVE_DOUBLING ? "recursive doubling" : "ring");
+    return algo == HC_ALGO_RECURSIVE_DOUBLING || algo == HC_ALGO_TREE ? hc_allreduce_recursive_doubling(x)
+                                                                     : hc_allreduce_ring(x);
+}
+
+static int run_algorithm(hc_exec *x) {
+    switch (x->op->kind) {
+    case HC_OP_ALLREDUCE: return allreduce(x);
+    case HC_OP_BROADCAST: return hc_broadcast_run(x);
+    case HC_OP_REDUCE: return hc_reduce_run(x);
+    case HC_OP_ALLGATHER: return hc_allgather_ring(x);
+    case HC_OP_REDUCE_SCATTER: return hc_reduce_scatter_ring(x);
+    case HC_OP_GATHER: return hc_gather_run(x);
+    case HC_OP_SCATTER: return hc_scatter_run(x);
+    case HC_OP_ALLTOALL:
+    case HC_OP_ALLTOALLV: return hc_alltoall_run(x);
+    case HC_OP_BARRIER: return hc_barrier_run(x);
+    default: return hc_xfail(x, HC_ERR_UNSUPPORTED, "op kind %d cannot run as a collective", x->op->kind);
+    }
+}
+
+static void run_op(hc_comm *c, hc_op *op) {
+    if (atomic_load(&c->status) != HC_OK) {
+        hc_op_failf(op, HC_ERR_ABORTED, "communicator broken by an earlier error: %s", c->error);
+        hc_op_complete(op, HC_ERR_ABORTED, NULL);
+        return;
+    }
+    for (int r = 0; r < c->size; r++) c->peers[r].tx_part = c->peers[r].rx_part = 0;
+    hc_exec x = {c, op, op->timeout_ms, 0};
+    int status = c->size == 1 && op->kind == HC_OP_BARRIER ? HC_OK : run_algorithm(&x);
+    /* The user may reuse the buffers once the op completes, so ZeroMQ must
+     * have let go of every zero-copy send first. */
+    if (status == HC_OK) status = hc_xsend_wait(&x, -1);
+    if (status != HC_OK) {
+        if (!op->error[0]) hc_op_failf(op, status, "%s", hc_status_string(status));
+        hc_comm_break(c, status, op->error, status != HC_ERR_ABORTED || atomic_load(&c->abort_requested));
+        hc_comm_quiesce(c);
+    }
+    hc_op_complete(op, status, NULL);
+}
+
+static hc_op *next_collective(hc_comm *c, int *closing) {
+    pthread_mutex_lock(&c->qmu);
+    hc_op *op = c->q_head;
+    if (op) {
+        c->q_head = op->next;
+        if (!c->q_head) c->q_tail = NULL;
+        op->next = NULL;
+    }
+    *closing = c->closing && !c->p2p_head;
+    pthread_mutex_unlock(&c->qmu);
+    return op;
+}
+
+void *hc_worker_main(void *arg) {
+    hc_comm *c = arg;
+    for (;;) {
+        int closing;
+        hc_op *op = next_collective(c, &closing);
+        if (op) {
+            run_op(c, op);
+            continue;
+        }
+        if (closing) break;
+        hc_progress_idle(c);
+    }
+    hc_p2p_fail_all(c, HC_ERR_ABORTED, "the communicator was destroyed while this receive was pending");
+    return NULL;
+}

@@ -1,0 +1,524 @@
+"""``Communicator``: hetcomm's collectives on numpy arrays and buffers, without torch.
+
+Every op runs in the C core on the communicator's worker thread, in issue
+order, with the GIL released; ``async_op=True`` returns a :class:`Work` at
+once. Inputs must stay unchanged, and outputs untouched, until the op is done.
+"""
+from __future__ import annotations
+
+import atexit
+import enum
+import itertools
+import logging
+import threading
+import weakref
+from datetime import timedelta
+from typing import Any, Sequence
+
+import numpy as np
+
+from hetcomm import _native, rendezvous
+from hetcomm._capi import ffi, lib
+from hetcomm.config import CODECS, Options
+from hetcomm.errors import error_for
+
+log = logging.getLogger("hetcomm")
+
+_WAIT_SLICE_MS = 200  # waits return to Python this often, so Ctrl-C works
+
+
+class ReduceOp(enum.IntEnum):
+    """Reductions; strings ("sum", "avg", ...) are accepted wherever these are."""
+
+    SUM = 0
+    AVG = 1
+    PROD = 2
+    MIN = 3
+    MAX = 4
+    BAND = 5
+    BOR = 6
+    BXOR = 7
+
+
+_OP_NAMES = {"sum": 0, "avg": 1, "mean": 1, "prod": 2, "product": 2, "min": 3, "max": 4,
+             "band": 5, "bor": 6, "bxor": 7}
+_DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2,
+           np.dtype(np.int8): 4, np.dtype(np.int16): 5, np.dtype(np.int32): 6, np.dtype(np.int64): 7,
+           np.dtype(np.uint8): 8, np.dtype(np.bool_): 9}
+_ALGOS = {"auto": 0, "ring": 1, "rd": 2, "tree": 3, "hier": 4}
+
+
+def reduce_op_code(op: str | int | ReduceOp) -> int:
+    """The C code of a reduction given by name or enum."""
+    if isinstance(op, str):
+        try:
+            return _OP_NAMES[op.lower()]
+        except KeyError:
+            raise ValueError(f"op must be one of {sorted(set(_OP_NAMES))}, got {op!r}") from None
+    code = int(op)
+    if not 0 <= code < len(ReduceOp):
+        raise ValueError(f"op {op!r} is not a ReduceOp")
+    return code
+
+
+def codec_code(codec: str | None) -> int:
+    """The C code of a codec name; None means "the communicator's default" (-1)."""
+    if codec is None:
+        return -1
+    try:
+        return CODECS.index(codec.lower())
+    except ValueError:
+        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}") from None
+
+
+def dtype_code(dtype: np.dtype, what: str) -> int:
+    """The C code of a numpy dtype (bfloat16 via ml_dtypes' dtype name)."""
+    if dtype.name == "bfloat16":
+        return 3
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        supported = ", ".join(sorted(d.name for d in _DTYPES)) + ", bfloat16"
+        raise TypeError(f"{what} has dtype {dtype}; supported: {supported}") from None
+
+
+def _array(buf: Any, what: str, writable: bool) -> np.ndarray:
+    arr = buf if isinstance(buf, np.ndarray) else np.asarray(memoryview(buf))
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous (got strides {arr.strides} for shape {arr.shape})")
+    if writable and not arr.flags.writeable:
+        raise ValueError(f"{what} must be writable")
+    return arr
+
+
+def _ptr(arr: np.ndarray) -> Any:
+    return ffi.cast("void *", arr.ctypes.data) if arr.size else ffi.NULL
+
+
+class Work:
+    """An op in flight. ``wait()`` returns its result or raises its error."""
+
+    def __init__(self, comm: "Communicator", op: Any, keep: tuple, result: Any, what: str) -> None:
+        self._comm = comm
+        self._op = op
+        self._keep = keep
+        self._result = result
+        self._what = what
+        self._error: Exception | None = None
+        self._done = False
+        self._lock = threading.Lock()
+
+    def _finish(self, status: int) -> None:
+        if status != lib.HC_OK:
+            message = ffi.string(lib.hc_op_error(self._op)).decode(errors="replace")
+            self._error = error_for(_native.status_name(status), f"{self._what}: {message}")
+        self.source = lib.hc_op_source(self._op)
+        lib.hc_op_release(self._op)
+        self._op = None
+        self._keep = ()
+        self._done = True
+
+    def is_completed(self) -> bool:
+        """True once the op finished (successfully or not)."""
+        with self._lock:
+            if not self._done:
+                status = lib.hc_op_status(self._op)
+                if status != lib.HC_IN_PROGRESS:
+                    self._finish(status)
+            return self._done
+
+    def wait(self, timeout: float | timedelta | None = None) -> Any:
+        """Blocks until the op is done; returns its result or raises its error.
+
+        ``timeout`` (seconds) bounds this wait only: on expiry TimeoutError is
+        raised and the op keeps running (its own timeout still applies).
+        """
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        remaining_ms = None if seconds is None else int(seconds * 1000)
+        with self._lock:
+            while not self._done:
+                slice_ms = _WAIT_SLICE_MS if remaining_ms is None else min(_WAIT_SLICE_MS, remaining_ms)
+                status = lib.hc_op_wait(self._op, slice_ms)
+                if status != lib.HC_IN_PROGRESS:
+                    self._finish(status)
+                    break
+                if remaining_ms is not None:
+                    remaining_ms -= slice_ms
+                    if remaining_ms <= 0:
+                        raise TimeoutError(f"{self._what} still running after {seconds} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def result(self) -> Any:
+        """Same as ``wait()``."""
+        return self.wait()
+
+
+_live: "weakref.WeakSet[Communicator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for comm in list(_live):
+        comm.close(abort=True)
+
+
+class Communicator:
+    """A group of ranks doing collectives together.
+
+    Args:
+        rank, world_size: this rank and the group size; from RANK/WORLD_SIZE when None.
+        store: a key-value store for rendezvous (torch's TCPStore/FileStore, or
+            hetcomm.store.Store); None: hetcomm's own, served by rank 0 on
+            MASTER_ADDR:MASTER_PORT.
+        name: the communicator's name; ranks must create communicators of one
+            name in the same order.
+        timeout: seconds for rendezvous and for every wait inside an op.
+        codec: default compression for float sum/avg allreduce ("int8", ...).
+        options: every other setting (see hetcomm.config.Options).
+    """
+
+    _generations: dict[str, itertools.count] = {}
+    _generations_lock = threading.Lock()
+
+    def __init__(self, rank: int | None = None, world_size: int | None = None, *, store: Any = None,
+                 name: str = "world", timeout: float | timedelta | None = None, codec: str | None = None,
+                 site: str | None = None, options: Options | None = None) -> None:
+        _native.init()
+        opts = options or Options()
+        if timeout is not None:
+            opts.timeout = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+        if codec is not None:
+            opts.codec = codec
+        if site is not None:
+            opts.site = site
+        self.options = opts = opts.resolved()
+        self._owned_store = None
+        if store is None:
+            store, rank, world_size = self._env_store(rank, world_size, opts.timeout)
+            self._owned_store = store
+        if rank is None or world_size is None:
+            raise ValueError("rank and world_size are required when a store is given")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.rank, self.size, self.name = rank, world_size, name
+        self._handle = ffi.NULL
+        self._inflight: set[Work] = set()
+        self._inflight_lock = threading.Lock()
+        with Communicator._generations_lock:
+            gen = next(Communicator._generations.setdefault(name, itertools.count()))
+        self._prefix = f"hetcomm/{name}/{gen}"
+        try:
+            self._connect(store, opts)
+        except BaseException:
+            self._destroy()
+            raise
+        _live.add(self)
+
+    # ---- construction -------------------------------------------------
+
+    @staticmethod
+    def _env_store(rank: int | None, size: int | None, timeout: float) -> tuple[Any, int, int]:
+        import os
+
+        from hetcomm.store import Store, store_from_env
+
+        if rank is not None and size is not None:
+            addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+            if not addr or not port:
+                raise ValueError("without a store, MASTER_ADDR and MASTER_PORT must be set")
+            return Store(addr, int(port), rank == 0, timeout), rank, size
+        return store_from_env(timeout)
+
+    def _bind_address(self, opts: Options) -> str:
+        import os
+
+        if opts.bind_address:
+            return opts.bind_address
+        ip = (rendezvous.interface_address(opts.ifname) if opts.ifname
+              else rendezvous.address_towards(os.environ.get("MASTER_ADDR")))
+        bases = [f"tcp://{ip}"]
+        if opts.transport in ("auto", "ipc"):
+            bases.append(f"ipc://{rendezvous.ipc_directory()}")
+        return ";".join(bases)
+
+    def _config(self, opts: Options, comm_id: int, token: int) -> tuple[Any, list]:
+        cfg = ffi.new("hc_config *")
+        lib.hc_config_init(cfg)
+        keep = []
+
+        def s(text: str) -> Any:
+            keep.append(ffi.new("char[]", text.encode()))
+            return keep[-1]
+
+        import socket
+
+        cfg.rank, cfg.size = self.rank, self.size
+        cfg.name = s(self.name)
+        cfg.comm_id, cfg.session_token = comm_id, token
+        cfg.zmq_context = ffi.cast("void *", _native.zmq_context().underlying)
+        cfg.bind_address = s(self._bind_address(opts))
+        cfg.site = s(opts.site or "")
+        cfg.host = s(opts.host or socket.gethostname())
+        cfg.timeout_ms = int(opts.timeout * 1000)
+        cfg.streams = opts.streams
+        cfg.chunk_bytes = opts.chunk_bytes
+        cfg.small_bytes = opts.small_bytes
+        cfg.algo = _ALGOS[opts.algo]
+        cfg.codec = codec_code(opts.codec)
+        cfg.codec_min_bytes = opts.codec_min_bytes
+        cfg.codec_block = opts.codec_block
+        cfg.codec_scale_fp32 = 1 if opts.codec_scale == "fp32" else 0
+        cfg.sndbuf_bytes = cfg.rcvbuf_bytes = opts.socket_buffer
+        return cfg, keep
+
+    def _connect(self, store: Any, opts: Options) -> None:
+        comm_id, token = rendezvous.agree_identity(store, self._prefix, self.rank)
+        cfg, keep = self._config(opts, comm_id, token)
+        handle = ffi.new("hc_comm **")
+        _native.check(lib.hc_comm_create(cfg, handle), "hc_comm_create")
+        self._handle = handle[0]
+        record = {"endpoint": ffi.string(lib.hc_comm_endpoint(self._handle)).decode(),
+                  "site": opts.site or "", "host": ffi.string(cfg.host).decode(),
+                  "machine": rendezvous.machine_id()}
+        peers = rendezvous.exchange(store, self._prefix, self.rank, self.size, record)
+        for r, peer in enumerate(peers):
+            if r == self.rank:
+                continue
+            endpoint = peer["endpoint"]
+            if peer["machine"] != record["machine"]:
+                # ipc:// only works between processes that share a kernel.
+                endpoint = ";".join(e for e in endpoint.split(";") if not e.startswith("ipc="))
+            _native.check(lib.hc_comm_set_peer(self._handle, r, endpoint.encode(), peer["site"].encode(),
+                                               peer["host"].encode(), ffi.NULL), "hc_comm_set_peer")
+        _native.check(lib.hc_comm_connect(self._handle), "hc_comm_connect")
+        del keep
+        log.debug("%s: rank %d/%d connected", self.name, self.rank, self.size)
+
+    # ---- lifecycle ------------------------------------------------------
+
+    def _destroy(self) -> None:
+        if self._handle != ffi.NULL:
+            lib.hc_comm_destroy(self._handle)
+            self._handle = ffi.NULL
+        if self._owned_store is not None:
+            self._owned_store.close()
+            self._owned_store = None
+
+    def close(self, abort: bool = False) -> None:
+        """Finishes queued ops (or fails them, with ``abort``) and releases the sockets."""
+        if self._handle == ffi.NULL:
+            return
+        if abort:
+            with self._inflight_lock:
+                pending = any(not w.is_completed() for w in self._inflight)
+            if pending:
+                lib.hc_comm_abort(self._handle, b"closed with ops in flight")
+        with self._inflight_lock:
+            works = list(self._inflight)
+            self._inflight.clear()
+        self._destroy()
+        for w in works:
+            w.is_completed()
+        _live.discard(self)
+
+    def abort(self, reason: str = "aborted by the user") -> None:
+        """Fails the running and queued ops here and on every peer."""
+        if self._handle != ffi.NULL:
+            lib.hc_comm_abort(self._handle, reason.encode())
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close(abort=exc[0] is not None)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter teardown
+            pass
+
+    # ---- introspection --------------------------------------------------
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes this rank has put on the wire."""
+        return lib.hc_comm_bytes_sent(self._live_handle())
+
+    @property
+    def bytes_sent_intersite(self) -> int:
+        """Of ``bytes_sent``, those that went to another site."""
+        return lib.hc_comm_bytes_sent_intersite(self._live_handle())
+
+    @property
+    def site_count(self) -> int:
+        return lib.hc_comm_site_count(self._live_handle())
+
+    def ring_order(self) -> list[int]:
+        """The rank order the ring algorithms use (sites kept adjacent)."""
+        out = ffi.new("int[]", self.size)
+        _native.check(lib.hc_comm_ring_order(self._live_handle(), out, self.size))
+        return list(out)
+
+    def _live_handle(self) -> Any:
+        if self._handle == ffi.NULL:
+            raise ValueError(f"communicator {self.name!r} is closed")
+        return self._handle
+
+    # ---- op plumbing ----------------------------------------------------
+
+    def _submit(self, fn: Any, args: tuple, keep: tuple, result: Any, what: str, async_op: bool,
+                codec: str | None = None) -> Any:
+        opts = ffi.new("hc_call_opts *")
+        lib.hc_call_opts_init(opts)
+        opts.codec = codec_code(codec)
+        out = ffi.new("hc_op **")
+        _native.check(fn(self._live_handle(), *args, opts, out), what)
+        work = Work(self, out[0], keep, result, f"{self.name} rank {self.rank}: {what}")
+        with self._inflight_lock:
+            self._inflight = {w for w in self._inflight if not w._done}
+            self._inflight.add(work)
+        return work if async_op else work.wait()
+
+    def _check_root(self, root: int) -> None:
+        if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
+            raise ValueError(f"root {root!r} is not a rank in [0, {self.size})")
+
+    def _out(self, out: Any, like: np.ndarray, count: int, what: str) -> np.ndarray:
+        if out is None:
+            return np.empty(count, dtype=like.dtype)
+        arr = _array(out, what, True)
+        if arr.dtype != like.dtype:
+            raise TypeError(f"{what} has dtype {arr.dtype}, expected {like.dtype}")
+        if arr.size != count:
+            raise ValueError(f"{what} holds {arr.size} elements, expected {count}")
+        return arr
+
+    # ---- collectives ----------------------------------------------------
+
+    def allreduce(self, buf: Any, op: str | int = "sum", *, out: Any = None, codec: str | None = None,
+                  async_op: bool = False) -> Any:
+        """Reduces ``buf`` across ranks; the result goes to ``out`` or, by default, back into ``buf``."""
+        src = _array(buf, "buf", out is None)
+        dst = src if out is None else self._out(out, src, src.size, "out")
+        dt = dtype_code(src.dtype, "buf")
+        return self._submit(lib.hc_allreduce, (_ptr(src), _ptr(dst), src.size, dt, reduce_op_code(op)),
+                            (src, dst), dst, "allreduce", async_op, codec)
+
+    def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False) -> Any:
+        """Copies root's ``buf`` into every rank's ``buf``."""
+        self._check_root(root)
+        arr = _array(buf, "buf", True)
+        return self._submit(lib.hc_broadcast, (_ptr(arr), arr.size, dtype_code(arr.dtype, "buf"), root),
+                            (arr,), arr, "broadcast", async_op)
+
+    def reduce(self, buf: Any, root: int = 0, op: str | int = "sum", *, out: Any = None,
+               async_op: bool = False) -> Any:
+        """Reduces to ``root``: its ``out`` (or ``buf``) gets the result; other ranks' buffers are unchanged."""
+        self._check_root(root)
+        src = _array(buf, "buf", out is None and self.rank == root)
+        dst = (src if out is None else self._out(out, src, src.size, "out")) if self.rank == root else None
+        ptr = _ptr(dst) if dst is not None else ffi.NULL
+        return self._submit(lib.hc_reduce, (_ptr(src), ptr, src.size, dtype_code(src.dtype, "buf"),
+                                            reduce_op_code(op), root), (src, dst), dst, "reduce", async_op)
+
+    def allgather(self, buf: Any, out: Any = None, *, async_op: bool = False) -> Any:
+        """Every rank's ``buf``, stacked: shape ``(size, *buf.shape)`` (or ``out``, size*len elements)."""
+        src = _array(buf, "buf", False)
+        dst = self._out(out, src, src.size * self.size, "out")
+        if out is None:
+            dst = dst.reshape((self.size, *src.shape))
+        return self._submit(lib.hc_allgather, (_ptr(src), _ptr(dst), src.size, dtype_code(src.dtype, "buf")),
+                            (src, dst), dst, "allgather", async_op)
+
+    def reduce_scatter(self, buf: Any, op: str | int = "sum", *, out: Any = None, codec: str | None = None,
+                       async_op: bool = False) -> Any:
+        """Reduces ``buf`` (size equal blocks) across ranks; rank r gets block r."""
+        src = _array(buf, "buf", False)
+        if src.size % self.size:
+            raise ValueError(f"buf holds {src.size} elements, not a multiple of the world size {self.size}")
+        count = src.size // self.size
+        dst = self._out(out, src, count, "out")
+        return self._submit(lib.hc_reduce_scatter, (_ptr(src), _ptr(dst), count, dtype_code(src.dtype, "buf"),
+                                                    reduce_op_code(op)), (src, dst), dst, "reduce_scatter",
+                            async_op, codec)
+
+    def gather(self, buf: Any, root: int = 0, out: Any = None, *, async_op: bool = False) -> Any:
+        """Root gets every rank's ``buf`` stacked (shape ``(size, *buf.shape)``); others get None."""
+        self._check_root(root)
+        src = _array(buf, "buf", False)
+        dst = None
+        if self.rank == root:
+            dst = self._out(out, src, src.size * self.size, "out")
+            if out is None:
+                dst = dst.reshape((self.size, *src.shape))
+        return self._submit(lib.hc_gather, (_ptr(src), _ptr(dst) if dst is not None else ffi.NULL, src.size,
+                                            dtype_code(src.dtype, "buf"), root), (src, dst), dst, "gather", async_op)
+
+    def scatter(self, buf: Any, out: Any, root: int = 0, *, async_op: bool = False) -> Any:
+        """Root's ``buf`` holds size equal blocks; rank r receives block r into ``out``."""
+        self._check_root(root)
+        dst = _array(out, "out", True)
+        src = None
+        if self.rank == root:
+            src = _array(buf, "buf", False)
+            if src.dtype != dst.dtype or src.size != dst.size * self.size:
+                raise ValueError(f"root's buf ({src.size} x {src.dtype}) must hold size ({self.size}) x "
+                                 f"out ({dst.size} x {dst.dtype})")
+        return self._submit(lib.hc_scatter, (_ptr(src) if src is not None else ffi.NULL, _ptr(dst), dst.size,
+                                             dtype_code(dst.dtype, "out"), root), (src, dst), dst, "scatter", async_op)
+
+    def alltoall(self, buf: Any, out: Any = None, *, async_op: bool = False) -> Any:
+        """``buf`` holds size equal blocks; block r goes to rank r; ``out`` block r came from rank r."""
+        src = _array(buf, "buf", False)
+        if src.size % self.size:
+            raise ValueError(f"buf holds {src.size} elements, not a multiple of the world size {self.size}")
+        dst = self._out(out, src, src.size, "out")
+        if out is None:
+            dst = dst.reshape(src.shape)
+        return self._submit(lib.hc_alltoall, (_ptr(src), _ptr(dst), src.size // self.size,
+                                              dtype_code(src.dtype, "buf")), (src, dst), dst, "alltoall", async_op)
+
+    def alltoallv(self, buf: Any, send_counts: Sequence[int], out: Any, recv_counts: Sequence[int], *,
+                  async_op: bool = False) -> Any:
+        """All-to-all with per-rank element counts; blocks are packed in rank order."""
+        src, dst = _array(buf, "buf", False), _array(out, "out", True)
+        if len(send_counts) != self.size or len(recv_counts) != self.size:
+            raise ValueError(f"send_counts and recv_counts need {self.size} entries, got "
+                             f"{len(send_counts)} and {len(recv_counts)}")
+        if any(c < 0 for c in (*send_counts, *recv_counts)):
+            raise ValueError("counts must not be negative")
+        if sum(send_counts) != src.size or sum(recv_counts) != dst.size:
+            raise ValueError(f"send_counts sum to {sum(send_counts)} (buf holds {src.size}); recv_counts sum "
+                             f"to {sum(recv_counts)} (out holds {dst.size})")
+        if src.dtype != dst.dtype:
+            raise TypeError(f"buf is {src.dtype} but out is {dst.dtype}")
+        sc = ffi.new("size_t[]", list(send_counts))
+        rc = ffi.new("size_t[]", list(recv_counts))
+        sd = ffi.new("size_t[]", list(itertools.accumulate([0, *send_counts[:-1]])))
+        rd = ffi.new("size_t[]", list(itertools.accumulate([0, *recv_counts[:-1]])))
+        return self._submit(lib.hc_alltoallv, (_ptr(src), sc, sd, _ptr(dst), rc, rd, dtype_code(src.dtype, "buf")),
+                            (src, dst, sc, rc, sd, rd), dst, "alltoallv", async_op)
+
+    def barrier(self, *, async_op: bool = False) -> Any:
+        """Returns once every rank has entered the barrier."""
+        return self._submit(lib.hc_barrier, (), (), None, "barrier", async_op)
+
+    def send(self, buf: Any, dst: int, tag: int = 0, *, async_op: bool = False) -> Any:
+        """Sends ``buf`` to rank ``dst``; matched by the receiver's (source, tag)."""
+        arr = _array(buf, "buf", False)
+        return self._submit(lib.hc_send, (_ptr(arr), arr.size, dtype_code(arr.dtype, "buf"), int(dst), int(tag)),
+                            (arr,), None, f"send to {dst}", async_op)
+
+    def recv(self, buf: Any, src: int | None = None, tag: int = 0, *, async_op: bool = False) -> Any:
+        """Receives into ``buf`` from ``src`` (any rank when None); returns the sender's rank."""
+        arr = _array(buf, "buf", True)
+        peer = lib.HC_ANY_SOURCE if src is None else int(src)
+        work = self._submit(lib.hc_recv, (_ptr(arr), arr.size, dtype_code(arr.dtype, "buf"), peer, int(tag)),
+                            (arr,), None, f"recv from {'any' if src is None else src}", True)
+        if async_op:
+            return work
+        work.wait()
+        return work.source

@@ -1,0 +1,126 @@
+"""Options of a communicator: arguments first, ``HETCOMM_*`` environment second.
+
+Every field left at ``None`` is filled from its environment variable, then
+from the default. The README lists each variable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+CODECS = ("none", "fp16", "bf16", "int8", "int4", "1bit")
+ALGOS = ("auto", "ring", "rd", "tree", "hier")
+TRANSPORTS = ("auto", "tcp", "ipc")
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def env_int(name: str, default: int) -> int:
+    value = env_str(name)
+    if value is None:
+        return default
+    try:
+        return int(parse_size(value))
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    value = env_str(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not a number") from None
+
+
+def parse_size(text: str | int) -> int:
+    """'512K' -> 524288; plain integers pass through."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    for suffix, factor in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if s.endswith(suffix):
+            s, mult = s[:-1], factor
+            break
+    return int(float(s) * mult)
+
+
+@dataclass
+class Options:
+    """Settings of one communicator (or process group).
+
+    Attributes left ``None`` take their ``HETCOMM_*`` environment variable or
+    the default shown in the README.
+    """
+
+    timeout: float | None = None          # seconds, every blocking wait (HETCOMM_TIMEOUT)
+    site: str | None = None               # data-centre label (HETCOMM_SITE)
+    host: str | None = None               # host name (HETCOMM_HOST, default gethostname())
+    bind_address: str | None = None       # "tcp://10.0.0.5" or "tcp://..;ipc://dir" (HETCOMM_BIND_ADDR)
+    ifname: str | None = None             # network interface to bind (HETCOMM_IFNAME)
+    transport: str | None = None          # auto|tcp|ipc for ranks on one host (HETCOMM_TRANSPORT)
+    streams: int | None = None            # TCP streams per peer in another site (HETCOMM_STREAMS)
+    chunk_bytes: int | None = None        # pipeline granule (HETCOMM_CHUNK_BYTES)
+    small_bytes: int | None = None        # below: latency algorithms (HETCOMM_SMALL_BYTES)
+    algo: str | None = None               # allreduce algorithm (HETCOMM_ALGO)
+    codec: str | None = None              # default codec for float sum/avg (HETCOMM_CODEC)
+    codec_min_bytes: int | None = None    # never compress below (HETCOMM_CODEC_MIN_BYTES)
+    codec_block: int | None = None        # quantization block, elements (HETCOMM_CODEC_BLOCK)
+    codec_scale: str | None = None        # fp32|fp16 block scales (HETCOMM_CODEC_SCALE)
+    socket_buffer: int | None = None      # SO_SNDBUF/SO_RCVBUF between sites (HETCOMM_SOCKET_BUFFER)
+    curve: bool | None = None             # CurveZMQ between sites (HETCOMM_CURVE)
+    curve_keys: str | None = None         # directory made by `hetcomm keygen` (HETCOMM_CURVE_KEYS)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> "Options":
+        """A copy with every ``None`` replaced by the environment or the default."""
+        o = dataclasses.replace(self)
+        o.timeout = o.timeout if o.timeout is not None else env_float("HETCOMM_TIMEOUT", 300.0)
+        o.site = o.site if o.site is not None else env_str("HETCOMM_SITE", "")
+        o.host = o.host if o.host is not None else env_str("HETCOMM_HOST")
+        o.bind_address = o.bind_address or env_str("HETCOMM_BIND_ADDR")
+        o.ifname = o.ifname or env_str("HETCOMM_IFNAME")
+        o.transport = (o.transport or env_str("HETCOMM_TRANSPORT", "auto")).lower()
+        o.streams = o.streams if o.streams is not None else env_int("HETCOMM_STREAMS", 4)
+        o.chunk_bytes = parse_size(o.chunk_bytes) if o.chunk_bytes is not None else env_int("HETCOMM_CHUNK_BYTES", 512 << 10)
+        o.small_bytes = parse_size(o.small_bytes) if o.small_bytes is not None else env_int("HETCOMM_SMALL_BYTES", 64 << 10)
+        o.algo = (o.algo or env_str("HETCOMM_ALGO", "auto")).lower()
+        o.codec = (o.codec or env_str("HETCOMM_CODEC", "none")).lower()
+        o.codec_min_bytes = (parse_size(o.codec_min_bytes) if o.codec_min_bytes is not None
+                             else env_int("HETCOMM_CODEC_MIN_BYTES", 64 << 10))
+        o.codec_block = o.codec_block if o.codec_block is not None else env_int("HETCOMM_CODEC_BLOCK", 256)
+        o.codec_scale = (o.codec_scale or env_str("HETCOMM_CODEC_SCALE", "fp32")).lower()
+        o.socket_buffer = (parse_size(o.socket_buffer) if o.socket_buffer is not None
+                           else env_int("HETCOMM_SOCKET_BUFFER", 0))
+        if o.curve is None:
+            o.curve = env_str("HETCOMM_CURVE", "").lower() in ("1", "on", "true", "yes")
+        o.curve_keys = o.curve_keys or env_str("HETCOMM_CURVE_KEYS")
+        o.validate()
+        return o
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first option out of range."""
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {self.timeout}")
+        if self.transport not in (None, *TRANSPORTS):
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.algo not in (None, *ALGOS):
+            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.codec not in (None, *CODECS):
+            raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.codec_scale not in (None, "fp32", "fp16"):
+            raise ValueError(f"codec_scale must be 'fp32' or 'fp16', got {self.codec_scale!r}")
+        if self.streams is not None and not 1 <= self.streams <= 64:
+            raise ValueError(f"streams must be in 1..64, got {self.streams}")
+        if self.chunk_bytes is not None and self.chunk_bytes < 4096:
+            raise ValueError(f"chunk_bytes must be at least 4096, got {self.chunk_bytes}")
+        if self.codec_block is not None and self.codec_block <= 0:
+            raise ValueError(f"codec_block must be positive, got {self.codec_block}")
