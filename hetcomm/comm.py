@@ -194,10 +194,8 @@ class Communicator:
         if site is not None:
             opts.site = site
         self.options = opts = opts.resolved()
-        self._owned_store = None
         if store is None:
             store, rank, world_size = self._env_store(rank, world_size, opts.timeout)
-            self._owned_store = store
         if rank is None or world_size is None:
             raise ValueError("rank and world_size are required when a store is given")
         if not 0 <= rank < world_size:
@@ -222,14 +220,14 @@ class Communicator:
     def _env_store(rank: int | None, size: int | None, timeout: float) -> tuple[Any, int, int]:
         import os
 
-        from hetcomm.store import Store, store_from_env
+        from hetcomm.store import shared_store
 
-        if rank is not None and size is not None:
-            addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-            if not addr or not port:
-                raise ValueError("without a store, MASTER_ADDR and MASTER_PORT must be set")
-            return Store(addr, int(port), rank == 0, timeout), rank, size
-        return store_from_env(timeout)
+        if rank is None or size is None:
+            missing = [v for v in ("RANK", "WORLD_SIZE") if not os.environ.get(v)]
+            if missing:
+                raise ValueError(f"rank/world_size not given and {', '.join(missing)} not set in the environment")
+            rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return shared_store(rank, timeout), rank, size
 
     def _bind_address(self, opts: Options) -> str:
         import os
@@ -302,9 +300,6 @@ class Communicator:
         if self._handle != ffi.NULL:
             lib.hc_comm_destroy(self._handle)
             self._handle = ffi.NULL
-        if self._owned_store is not None:
-            self._owned_store.close()
-            self._owned_store = None
 
     def close(self, abort: bool = False) -> None:
         """Finishes queued ops (or fails them, with ``abort``) and releases the sockets."""

@@ -160,14 +160,20 @@ class Store:
             self._server = None
 
 
-def store_from_env(timeout: float = 300.0) -> tuple[Store, int, int]:
-    """A store and (rank, world size) from env:// variables: MASTER_ADDR,
-    MASTER_PORT, RANK, WORLD_SIZE, as torchrun sets them."""
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if not os.environ.get(v)]
+_shared: dict[tuple[str, int], Store] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_store(rank: int, timeout: float = 300.0) -> Store:
+    """The process's store for MASTER_ADDR:MASTER_PORT (env:// rendezvous, as
+    torchrun sets it), served by rank 0; one per address, shared by every
+    communicator of the process."""
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
     if missing:
         raise ValueError(f"env:// rendezvous needs {', '.join(missing)} in the environment")
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if not 0 <= rank < size:
-        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={size})")
-    store = Store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank == 0, timeout)
-    return store, rank, size
+    key = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    with _shared_lock:
+        store = _shared.get(key)
+        if store is None:
+            store = _shared[key] = Store(key[0], key[1], rank == 0, timeout)
+        return store

@@ -1,0 +1,96 @@
+"""Runs a function as N real ranks (spawned processes) on loopback.
+
+Every run has a deadline: ranks still alive at the deadline are killed and the
+test fails, so a hang is a failure, never a stuck CI job.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn: Callable, rank: int, world_size: int, env: dict[str, str], results: Any, args: tuple) -> None:
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
+    try:
+        results.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException as exc:  # report everything, including SystemExit, to the parent
+        results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+class RankFailure(AssertionError):
+    """One or more ranks raised; ``errors`` maps rank to its traceback text."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(f"--- rank {r} ---\n{t}" for r, t in sorted(errors.items())))
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0,
+              env: dict[str, str] | None = None, allow_failures: bool = False) -> list[Any]:
+    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` processes.
+
+    Returns the ranks' return values in rank order. Raises RankFailure if a
+    rank raised (unless ``allow_failures``: then its entry is the
+    traceback text wrapped in a RankError), TimeoutError if the ranks are
+    not all done by ``timeout`` seconds.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    full_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **(env or {})}
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, full_env, results, args), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    got: dict[int, tuple[bool, Any]] = {}
+    try:
+        while len(got) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world_size)) - set(got))
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout} s")
+            try:
+                rank, ok, value = results.get(timeout=min(left, 1.0))
+                got[rank] = (ok, value)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
+                if dead:
+                    # A rank that died without reporting (killed, os._exit): give
+                    # the queue a moment for a report in flight, then record it.
+                    time.sleep(0.2)
+                    while not results.empty():
+                        rank, ok, value = results.get()
+                        got[rank] = (ok, value)
+                    for r in dead:
+                        got.setdefault(r, (False, RankExited(procs[r].exitcode)))
+    finally:
+        for p in procs:
+            p.join(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            if p.is_alive():
+                p.kill()
+                p.join()
+    errors = {r: v for r, (ok, v) in got.items() if not ok}
+    if errors and not allow_failures:
+        raise RankFailure({r: str(v) for r, v in errors.items()})
+    return [got[r][1] if got[r][0] else RankError(str(got[r][1])) for r in range(world_size)]
+
+
+class RankError(str):
+    """A failed rank's traceback text (returned with ``allow_failures``)."""
+
+
+class RankExited(str):
+    def __new__(cls, code: int | None) -> "RankExited":
+        return super().__new__(cls, f"exited with code {code} without reporting")
