@@ -348,6 +348,11 @@ class Communicator:
         return lib.hc_comm_bytes_sent_intersite(self._live_handle())
 
     @property
+    def endpoint(self) -> str:
+        """Where this rank listens ("tcp=tcp://host:port;ipc=...")."""
+        return ffi.string(lib.hc_comm_endpoint(self._live_handle())).decode()
+
+    @property
     def site_count(self) -> int:
         return lib.hc_comm_site_count(self._live_handle())
 

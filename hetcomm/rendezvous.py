@@ -39,7 +39,23 @@ def agree_identity(store: KeyValueStore, prefix: str, rank: int) -> tuple[int, i
 def exchange(store: KeyValueStore, prefix: str, rank: int, size: int, record: dict[str, Any]) -> list[dict[str, Any]]:
     """Publishes this rank's record and returns every rank's, in rank order."""
     store.set(f"{prefix}/peer/{rank}", json.dumps(record))
-    return [record if r == rank else json.loads(_as_bytes(store.get(f"{prefix}/peer/{r}"))) for r in range(size)]
+    records = []
+    for r in range(size):
+        if r == rank:
+            records.append(record)
+            continue
+        try:
+            records.append(json.loads(_as_bytes(store.get(f"{prefix}/peer/{r}"))))
+        except Exception as exc:
+            if "timeout" not in type(exc).__name__.lower() and "timed out" not in str(exc).lower() \
+                    and "no answer" not in str(exc):
+                raise
+            from hetcomm.errors import CommTimeoutError
+
+            raise CommTimeoutError(
+                f"rank {rank}: rank {r} did not join communicator {prefix!r} in time (did it start, with the "
+                f"same MASTER_ADDR/MASTER_PORT and communicator name?): {exc}", "HC_ERR_TIMEOUT") from exc
+    return records
 
 
 def machine_id() -> str:

@@ -1,0 +1,265 @@
+"""What users get wrong and what breaks: every case ends in a clear error, never a hang."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from harness import RankError, run_ranks
+
+
+def _never_joins(rank: int, size: int) -> float:
+    import hetcomm
+
+    if rank == 1:
+        return 0.0  # never creates the communicator
+    t0 = time.monotonic()
+    with pytest.raises(hetcomm.CommTimeoutError, match="rank 1 did not join"):
+        hetcomm.Communicator(rank, size, timeout=2)
+    return time.monotonic() - t0
+
+
+@pytest.mark.timeout(60)
+def test_peer_that_never_joins_times_out_naming_it():
+    elapsed = run_ranks(_never_joins, 2, timeout=40)[0]
+    assert elapsed < 10
+
+
+def _silent_peer(rank: int, size: int) -> float:
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=2)
+    if rank == 1:
+        time.sleep(4)  # connected, but never calls the collective
+        comm.close(abort=True)
+        return 0.0
+    t0 = time.monotonic()
+    with pytest.raises(hetcomm.CommTimeoutError, match=r"waiting for rank 1"):
+        comm.allreduce(np.ones(10, np.float32))
+    elapsed = time.monotonic() - t0
+    # The communicator is broken now: later ops fail at once, naming the first error.
+    with pytest.raises(hetcomm.AbortedError, match="timed out"):
+        comm.allreduce(np.ones(10, np.float32))
+    comm.close()
+    return elapsed
+
+
+@pytest.mark.timeout(60)
+def test_silent_peer_times_out_within_the_timeout():
+    elapsed = run_ranks(_silent_peer, 2, timeout=40)[0]
+    assert 1.5 < elapsed < 6
+
+
+def _mismatched(rank: int, size: int, case: str) -> str:
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=20)
+    try:
+        if case == "op":
+            if rank == size - 1:
+                comm.broadcast(np.ones(1000, np.float32), root=0)
+            else:
+                comm.allreduce(np.ones(1000, np.float32))
+        elif case == "count":
+            comm.allreduce(np.ones(1000 + (rank == 0) * 24, np.float32))
+        elif case == "dtype":
+            comm.allreduce(np.ones(1000, np.float32 if rank else np.int32))
+        elif case == "root":
+            comm.broadcast(np.ones(10, np.float32), root=rank % 2)
+        elif case == "sequence":
+            if rank == 0:
+                comm.barrier()
+            comm.allreduce(np.ones(10, np.float32))
+        # A rank whose part of the call needed nothing from the others (a
+        # broadcast root) learns of the mismatch at its next collective, from
+        # the rank that detected it.
+        comm.barrier()
+    except hetcomm.HetcommError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        comm.close()
+    return "no error"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("case", ["op", "count", "dtype", "root", "sequence"])
+def test_mismatched_calls_fail_on_every_rank(case):
+    t0 = time.monotonic()
+    results = run_ranks(_mismatched, 3, case, timeout=60)
+    assert time.monotonic() - t0 < 30  # well before the 20 s op timeout would fire everywhere
+    for rank, text in enumerate(results):
+        assert "Error" in text, f"rank {rank}: {text}"
+        # The rank that saw the conflict raises MismatchError (or ProtocolError
+        # for a sequence gap); ranks already told by it raise AbortedError
+        # quoting that first error.
+        assert text.split(":")[0] in ("MismatchError", "ProtocolError", "AbortedError"), f"rank {rank}: {text}"
+        assert "differs across ranks" in text or "different numbers of collectives" in text, text
+
+
+def _dies(rank: int, size: int) -> str:
+    import os
+
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=60)
+    comm.barrier()
+    if rank == 2:
+        os._exit(3)  # crash without closing anything
+    t0 = time.monotonic()
+    try:
+        for _ in range(50):
+            comm.allreduce(np.ones(200_000, np.float32))
+    except hetcomm.HetcommError as exc:
+        return f"{time.monotonic() - t0:.1f}s {type(exc).__name__}: {exc}"
+    finally:
+        comm.close()
+    return "no error"
+
+
+@pytest.mark.timeout(60)
+def test_dead_peer_is_reported_quickly_naming_the_rank():
+    results = run_ranks(_dies, 3, timeout=50, allow_failures=True)
+    assert "exited with code 3" in results[2]
+    for text in results[:2]:
+        assert "rank 2" in text, text
+        assert "PeerLostError" in text or "AbortedError" in text, text
+        assert float(text.split("s ")[0]) < 10, text
+
+
+def _garbage(rank: int, size: int) -> None:
+    import socket
+
+    import zmq
+
+    import hetcomm
+    from hetcomm.store import shared_store
+
+    comm = hetcomm.Communicator(rank, size, timeout=20)
+    store = shared_store(rank)
+    store.set(f"endpoint/{rank}", comm.endpoint)
+    if rank == 0:
+        target = store.get("endpoint/1").decode()
+        url = [e.split("=", 1)[1] for e in target.split(";") if e.startswith("tcp=")][0]
+        host, port = url[len("tcp://"):].rsplit(":", 1)
+        # Raw bytes that are not ZeroMQ at all.
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)) * 10)
+        # A ZeroMQ peer sending a frame that is not hetcomm's, and a forged header.
+        ctx = zmq.Context.instance()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(url)
+        push.send(b"\x00" * 100)
+        push.send_multipart([b"HCM1" + b"\x01" * 60, b"payload"])
+        push.close()
+    comm.barrier()
+    for i in range(5):
+        x = np.full(100_000, rank + i, np.float32)
+        comm.allreduce(x)
+        assert (x == sum(range(size)) + size * i).all()
+    comm.close()
+
+
+@pytest.mark.timeout(60)
+def test_garbage_on_a_port_is_dropped_and_the_job_goes_on():
+    run_ranks(_garbage, 2, timeout=50)
+
+
+def _aborted(rank: int, size: int) -> str:
+    import threading
+
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=30)
+    try:
+        if rank == 0:
+            threading.Timer(0.5, comm.abort, args=("user pressed stop",)).start()
+            comm.allreduce(np.ones(10, np.float32))  # rank 1 is not there yet
+        else:
+            time.sleep(2)
+            comm.allreduce(np.ones(10, np.float32))
+    except hetcomm.HetcommError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        comm.close()
+    return "no error"
+
+
+@pytest.mark.timeout(60)
+def test_abort_fails_the_op_here_and_on_peers():
+    results = run_ranks(_aborted, 2, timeout=40)
+    assert all("AbortedError" in r and "user pressed stop" in r for r in results), results
+
+
+def _bad_arguments(rank: int, size: int) -> None:
+    import hetcomm
+
+    with hetcomm.Communicator(rank, size, timeout=20) as comm:
+        with pytest.raises(TypeError, match="complex64"):
+            comm.allreduce(np.ones(4, np.complex64))
+        with pytest.raises(ValueError, match="C-contiguous"):
+            comm.allreduce(np.ones((4, 4), np.float32)[:, 1])
+        with pytest.raises(ValueError, match="writable"):
+            a = np.ones(4, np.float32)
+            a.flags.writeable = False
+            comm.allreduce(a)
+        with pytest.raises(ValueError, match="holds 3 elements, expected 4"):
+            comm.allreduce(np.ones(4, np.float32), out=np.empty(3, np.float32))
+        with pytest.raises(ValueError, match=r"root 7 is not a rank in \[0, 2\)"):
+            comm.broadcast(np.ones(4, np.float32), root=7)
+        with pytest.raises(ValueError, match="not a multiple of the world size 2"):
+            comm.reduce_scatter(np.ones(5, np.float32))
+        with pytest.raises(ValueError, match="op must be one of"):
+            comm.allreduce(np.ones(4, np.float32), op="median")
+        with pytest.raises(TypeError, match="band is not defined for float32"):
+            comm.allreduce(np.ones(4, np.float32), op="band")
+        with pytest.raises(ValueError, match="cannot send to itself"):
+            comm.send(np.ones(1, np.float32), rank)
+        with pytest.raises(ValueError, match=r"peer 5 is out of range"):
+            comm.send(np.ones(1, np.float32), 5)
+        with pytest.raises(ValueError, match="codec must be one of"):
+            comm.allreduce(np.ones(4, np.float32), codec="zip")
+        # Nothing above reached the wire: the communicator still works.
+        x = np.ones(4, np.float32)
+        comm.allreduce(x)
+        assert (x == size).all()
+
+
+@pytest.mark.timeout(60)
+def test_bad_arguments_raise_clear_errors_and_harm_nothing():
+    run_ranks(_bad_arguments, 2, timeout=40)
+
+
+def _gil_released(rank: int, size: int) -> int:
+    import threading
+
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=20)
+    if rank == 1:
+        time.sleep(1.5)
+        comm.allreduce(np.ones(4, np.float32))
+        comm.close()
+        return 0
+    count = 0
+    stop = threading.Event()
+
+    def spin():
+        nonlocal count
+        while not stop.is_set():
+            count += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    comm.allreduce(np.ones(4, np.float32))  # blocks ~1.5 s waiting for rank 1
+    stop.set()
+    t.join()
+    comm.close()
+    return count
+
+
+@pytest.mark.timeout(60)
+def test_blocking_collective_releases_the_gil():
+    count = run_ranks(_gil_released, 2, timeout=40)[0]
+    assert count > 100_000
