@@ -171,10 +171,13 @@ typedef struct hc_config {
     int curve_enable;          /* 1: CurveZMQ on links between sites */
     const char *curve_public_key;  /* Z85, 40 chars: this rank's key pair */
     const char *curve_secret_key;
+    int shm_enable;            /* 1: shared-memory lanes to same-host, same-site peers */
+    size_t shm_bytes;          /* size of each lane (one per peer and direction) */
 } hc_config;
 
 /* Fills defaults: one stream, 512 KiB chunks, 64 KiB small threshold, 300 s
- * timeout, no codec, no CURVE. rank and size are left at -1. */
+ * timeout, no codec, no CURVE, 8 MiB shared-memory lanes to peers on the
+ * same host (their `host` equal to ours) and site. rank and size are -1. */
 void hc_config_init(hc_config *cfg);
 
 int hc_comm_create(const hc_config *cfg, hc_comm **out);

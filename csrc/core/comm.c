@@ -36,6 +36,11 @@ static void free_comm(hc_comm *c) {
         hc_tp_release_msg(m);
         free(m);
     }
+    /* After the stashes: released messages write their lane slot's state. */
+    for (int r = 0; c->peers && r < c->size; r++) {
+        hc_lane_close(c->peers[r].tx_lane);
+        hc_lane_close(c->peers[r].rx_lane);
+    }
     for (hc_msg *m = c->free_msgs, *next; m; m = next) {
         next = m->next;
         free(m);
@@ -191,6 +196,24 @@ static int build_topology(hc_comm *c) {
     return HC_OK;
 }
 
+void hc_lane_name(const hc_comm *c, int src, int dst, char *buf, size_t len) {
+    snprintf(buf, len, "/hc-%016llx-%d-%d", (unsigned long long)c->cfg.comm_id, src, dst);
+}
+
+/* Lanes to same-site peers that say they run on this host; each is used only
+ * once the peer confirms it mapped it (see the handshake). */
+static void open_lanes(hc_comm *c) {
+    if (!c->cfg.shm_enable || !*c->host) return;
+    size_t nslots = c->cfg.shm_bytes / c->cfg.chunk_bytes;
+    for (int r = 0; r < c->size; r++) {
+        hc_peer *p = &c->peers[r];
+        if (r == c->rank || p->site != c->peers[c->rank].site || strcmp(p->host, c->host) != 0) continue;
+        char name[64];
+        hc_lane_name(c, c->rank, r, name, sizeof name);
+        p->tx_lane = hc_lane_create(name, nslots < 2 ? 2 : (uint32_t)nslots, c->cfg.chunk_bytes);
+    }
+}
+
 int hc_comm_connect(hc_comm *c) {
     if (!c) {
         hc_set_last_error("hc_comm_connect: comm is NULL");
@@ -209,6 +232,7 @@ int hc_comm_connect(hc_comm *c) {
     for (int r = 0; rc == HC_OK && r < c->size; r++)
         if (r != c->rank) rc = hc_tp_connect_peer(c, &c->peers[r]);
     if (rc == HC_OK) {
+        open_lanes(c);
         hc_tp_build_pollset(c);
         rc = c->items ? hc_progress_handshake(c) : HC_ERR_NO_MEMORY;
     }

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "hetcomm.h"
+#include "transport/shm.h"
 #include "transport/wire.h"
 #include "transport/zmq_lib.h"
 
@@ -53,6 +54,7 @@ typedef struct hc_msg {
     const uint8_t *data;
     size_t len;
     int inbox;           /* which inbox it came in on (plain, ipc, secure) */
+    _Atomic uint32_t *shm_state; /* payload is in a lane slot, freed on release */
     struct hc_msg *next;
 } hc_msg;
 
@@ -106,6 +108,10 @@ typedef struct hc_peer {
     void *monitor;        /* PAIR receiving stream 0's socket events */
     int hellos;           /* greetings received (one per stream of theirs) */
     int peer_streams;     /* how many streams the peer opened to this rank */
+    int ready;            /* its READY arrived (handshake complete) */
+    hc_lane *tx_lane;     /* payloads to this peer, when it mapped the lane */
+    hc_lane *rx_lane;     /* payloads from this peer */
+    int tx_lane_ok;
     int gone;             /* its connection dropped */
     int64_t gone_ns;
     hc_msg *stash_head, *stash_tail; /* collective messages not yet asked for */
@@ -193,6 +199,8 @@ struct hc_comm {
     atomic_uint_fast64_t bytes_sent_intersite;
 };
 
+/* The /dev/shm name of the lane carrying payloads from src to dst. */
+void hc_lane_name(const hc_comm *comm, int src, int dst, char *buf, size_t len);
 /* A work buffer of at least `bytes` that stays with the communicator, so
  * large ops do not pay for fresh pages every time. Worker thread only. */
 void *hc_comm_scratch(hc_comm *comm, int slot, size_t bytes);

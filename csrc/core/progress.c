@@ -31,6 +31,7 @@ hc_msg *hc_msg_alloc(hc_comm *c) {
         return NULL;
     }
     m->has_payload_frame = 0;
+    m->shm_state = NULL;
     m->data = NULL;
     m->len = 0;
     m->next = NULL;
@@ -84,6 +85,29 @@ static void warn_dropped(hc_comm *c, const hc_msg *m, const char *why) {
     hc_log(HC_LOG_WARNING,
            "%s: rank %d dropped a message on its port: %s (magic %08x, version %u, src %d)",
            c->name, c->rank, why, m->h.magic, m->h.version, m->h.src);
+}
+
+static void control_header(const hc_comm *c, hc_wire_header *h, int kind) {
+    memset(h, 0, sizeof *h);
+    h->magic = HC_WIRE_MAGIC;
+    h->version = HC_WIRE_VERSION;
+    h->kind = (uint8_t)kind;
+    h->src = c->rank;
+    h->comm_id = c->cfg.comm_id;
+    h->seq = c->cfg.session_token;
+}
+
+/* A peer's first greeting: map the lane it offers, then tell it whether to use it. */
+static void greeted_by(hc_comm *c, hc_peer *p, int lane_offered) {
+    if (lane_offered && !p->rx_lane && p->site == c->peers[c->rank].site) {
+        char name[64];
+        hc_lane_name(c, p->rank, c->rank, name, sizeof name);
+        p->rx_lane = hc_lane_attach(name);
+    }
+    hc_wire_header h;
+    control_header(c, &h, HC_MSG_READY);
+    if (p->rx_lane) h.flags = HC_WIRE_SHM;
+    hc_tp_send(c, p, &h, NULL, 0, -1);
 }
 
 /* What the engine is waiting for; NULL op while idle. */
@@ -143,9 +167,21 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
     case HC_MSG_HELLO:
         if (h->seq != c->cfg.session_token) {
             warn_dropped(c, m, "greeting with the wrong session token (another job on this port?)");
-        } else {
-            p->hellos++;
+        } else if (p->hellos++ == 0) {
             p->peer_streams = (int)h->count;
+            greeted_by(c, p, h->flags & HC_WIRE_SHM);
+        }
+        drop(c, m);
+        return HC_OK;
+    case HC_MSG_READY:
+        if (h->seq == c->cfg.session_token && !p->ready) {
+            p->ready = 1;
+            if ((h->flags & HC_WIRE_SHM) && p->tx_lane) {
+                p->tx_lane_ok = 1;
+            } else if (p->tx_lane) { /* it could not map the lane: sockets only */
+                hc_lane_close(p->tx_lane);
+                p->tx_lane = NULL;
+            }
         }
         drop(c, m);
         return HC_OK;
@@ -388,17 +424,13 @@ void hc_progress_idle(hc_comm *c) {
 }
 
 int hc_progress_handshake(hc_comm *c) {
-    hc_wire_header h = {0};
-    h.magic = HC_WIRE_MAGIC;
-    h.version = HC_WIRE_VERSION;
-    h.kind = HC_MSG_HELLO;
-    h.src = c->rank;
-    h.comm_id = c->cfg.comm_id;
-    h.seq = c->cfg.session_token;
+    hc_wire_header h;
+    control_header(c, &h, HC_MSG_HELLO);
     for (int r = 0; r < c->size; r++) {
         if (r == c->rank) continue;
         hc_peer *p = &c->peers[r];
         h.count = (uint64_t)p->nstreams; /* tells the peer how many greetings to expect */
+        h.flags = p->tx_lane ? HC_WIRE_SHM : 0;
         for (int s = 0; s < p->nstreams; s++) {
             h.part = (uint32_t)s;
             int rc = hc_tp_send(c, p, &h, NULL, 0, -1);
@@ -413,7 +445,8 @@ int hc_progress_handshake(hc_comm *c) {
         if (rc != HC_OK) return rc;
         int complete = 1;
         for (int r = 0; r < c->size; r++)
-            if (r != c->rank && (c->peers[r].peer_streams == 0 || c->peers[r].hellos < c->peers[r].peer_streams))
+            if (r != c->rank && (c->peers[r].peer_streams == 0 || c->peers[r].hellos < c->peers[r].peer_streams ||
+                                 !c->peers[r].ready))
                 complete = 0;
         if (complete) return HC_OK;
         int64_t now = hc_now_ns();
@@ -421,7 +454,8 @@ int hc_progress_handshake(hc_comm *c) {
             char missing[512] = "";
             size_t n = 0;
             for (int r = 0; r < c->size && n < sizeof missing - 16; r++)
-                if (r != c->rank && (c->peers[r].peer_streams == 0 || c->peers[r].hellos < c->peers[r].peer_streams))
+                if (r != c->rank && (c->peers[r].peer_streams == 0 || c->peers[r].hellos < c->peers[r].peer_streams ||
+                                     !c->peers[r].ready))
                     n += (size_t)snprintf(missing + n, sizeof missing - n, "%s%d", n ? ", " : "", r);
             hc_set_last_error("%s: rank %d heard nothing within %d ms from rank(s) %s; they did "
                               "not start, cannot reach this rank's address (%s), or are another job",

@@ -58,6 +58,8 @@ void hc_config_init(hc_config *cfg) {
     cfg->codec_min_bytes = 64 * 1024;
     cfg->codec_block = 256;
     cfg->codec_scale_fp32 = 1;
+    cfg->shm_enable = 1;
+    cfg->shm_bytes = 8u << 20;
 }
 
 void hc_call_opts_init(hc_call_opts *opts) {

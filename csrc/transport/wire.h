@@ -20,10 +20,12 @@ typedef enum hc_msg_kind {
     HC_MSG_DATA = 2,  /* part of a collective */
     HC_MSG_P2P = 3,   /* a point-to-point send */
     HC_MSG_ABORT = 4, /* the sender broke the communicator; payload: reason */
+    HC_MSG_READY = 5, /* after all greetings: which shared-memory lanes work */
 } hc_msg_kind;
 
 enum {
     HC_WIRE_INLINE = 1, /* payload follows the header in the same frame */
+    HC_WIRE_SHM = 2,    /* payload is in slot `reserved` of the sender's lane (HELLO/READY: lane offered/mapped) */
 };
 
 typedef struct hc_wire_header {

@@ -295,12 +295,29 @@ static int send_inline(void *s, hc_wire_header *h, const void *payload, size_t l
     return HC_OK;
 }
 
+/* Copies the payload into a free slot of the peer's lane and sends only the
+ * header. 0 when the lane is unusable or full (the caller falls back). */
+static int send_via_lane(hc_peer *p, void *s, hc_wire_header *h, const void *payload, size_t len, int *rc) {
+    if (!p->tx_lane_ok || len > p->tx_lane->slot_bytes) return 0;
+    int slot = hc_lane_take(p->tx_lane);
+    if (slot < 0) return 0;
+    memcpy(hc_lane_slot(p->tx_lane, slot), payload, len);
+    hc_lane_fill(p->tx_lane, slot);
+    h->flags = (uint8_t)((h->flags & ~HC_WIRE_INLINE) | HC_WIRE_SHM);
+    h->reserved = (uint32_t)slot;
+    *rc = hc_zmq.send(s, h, sizeof *h, HC_ZMQ_DONTWAIT) < 0 ? zerr("send to", p->url) : HC_OK;
+    return 1;
+}
+
 int hc_tp_send(hc_comm *c, hc_peer *p, hc_wire_header *h, const void *payload, size_t len,
                int tx_group) {
     void *s = p->streams[h->part % (uint32_t)p->nstreams];
     h->len = len;
+    h->flags &= (uint8_t)~HC_WIRE_SHM;
     account(c, p, len);
     if (len <= HC_INLINE_MAX) return send_inline(s, h, payload, len);
+    int rc;
+    if (send_via_lane(p, s, h, payload, len, &rc)) return rc;
     h->flags &= (uint8_t)~HC_WIRE_INLINE;
     hc_zmq_msg m;
     if (tx_group >= 0) {
@@ -320,7 +337,7 @@ int hc_tp_send(hc_comm *c, hc_peer *p, hc_wire_header *h, const void *payload, s
 }
 
 int hc_tp_forward(hc_comm *c, hc_peer *p, hc_wire_header *h, hc_msg *m) {
-    if (!m->has_payload_frame) return hc_tp_send(c, p, h, m->data, m->len, -1);
+    if (!m->has_payload_frame || p->tx_lane_ok) return hc_tp_send(c, p, h, m->data, m->len, -1);
     void *s = p->streams[h->part % (uint32_t)p->nstreams];
     h->len = m->len;
     h->flags &= (uint8_t)~HC_WIRE_INLINE;
@@ -340,6 +357,8 @@ int hc_tp_forward(hc_comm *c, hc_peer *p, hc_wire_header *h, hc_msg *m) {
 /* ---- receive ---- */
 
 void hc_tp_release_msg(hc_msg *m) {
+    if (m->shm_state) hc_lane_free_slot(m->shm_state);
+    m->shm_state = NULL;
     hc_zmq.msg_close(&m->frame);
     if (m->has_payload_frame) hc_zmq.msg_close(&m->payload);
     m->has_payload_frame = 0;
@@ -356,6 +375,20 @@ static void drain_more(void *s) {
         hc_zmq.msg_recv(&junk, s, HC_ZMQ_DONTWAIT);
         hc_zmq.msg_close(&junk);
     }
+}
+
+/* A header-only message whose payload sits in the sender's lane. */
+static int read_lane(hc_comm *c, hc_msg *m, size_t frame_bytes) {
+    const hc_wire_header *h = &m->h;
+    if (frame_bytes != sizeof *h || hc_zmq.msg_more(&m->frame) || h->src < 0 || h->src >= c->size) return 0;
+    hc_lane *lane = c->peers[h->src].rx_lane;
+    if (!lane || h->len > lane->slot_bytes) return 0;
+    const uint8_t *data = hc_lane_read(lane, h->reserved);
+    if (!data) return 0;
+    m->data = data;
+    m->len = h->len;
+    m->shm_state = hc_lane_state(lane, h->reserved);
+    return 1;
 }
 
 int hc_tp_try_recv(hc_comm *c, int inbox, hc_msg **out) {
@@ -375,6 +408,11 @@ int hc_tp_try_recv(hc_comm *c, int inbox, hc_msg **out) {
     const uint8_t *d = hc_zmq.msg_data(&m->frame);
     memset(&m->h, 0, sizeof m->h);
     if (n >= sizeof m->h) memcpy(&m->h, d, sizeof m->h);
+    if ((m->h.flags & HC_WIRE_SHM) && m->h.kind == HC_MSG_DATA) {
+        *out = m;
+        if (!read_lane(c, m, n)) m->h.magic = 0;
+        return 1;
+    }
     if (hc_zmq.msg_more(&m->frame)) {
         hc_zmq.msg_init(&m->payload);
         hc_zmq.msg_recv(&m->payload, s, HC_ZMQ_DONTWAIT); /* multipart arrives whole */

@@ -1,0 +1,134 @@
+#include "transport/shm.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "core/internal.h"
+
+#define LANE_MAGIC 0x454e414c4d434831ull /* "1HCMLANE" */
+#define LINE 64
+
+enum { SLOT_FREE = 0, SLOT_FULL = 1 };
+
+typedef struct lane_header {
+    uint64_t magic;
+    uint32_t nslots;
+    uint32_t reserved;
+    uint64_t slot_bytes;
+} lane_header;
+
+static size_t page_round(size_t n) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    return (n + page - 1) / page * page;
+}
+
+static size_t data_offset(uint32_t nslots) { return page_round(LINE + (size_t)nslots * LINE); }
+
+static hc_lane *wrap(const char *name, uint8_t *base, size_t map_bytes, int linked) {
+    hc_lane *lane = calloc(1, sizeof *lane);
+    if (!lane) return NULL;
+    const lane_header *h = (const lane_header *)base;
+    snprintf(lane->name, sizeof lane->name, "%s", name);
+    lane->base = base;
+    lane->map_bytes = map_bytes;
+    lane->nslots = h->nslots;
+    lane->slot_bytes = h->slot_bytes;
+    lane->states = (_Atomic uint32_t *)(base + LINE);
+    lane->data = base + data_offset(h->nslots);
+    lane->linked = linked;
+    return lane;
+}
+
+static _Atomic uint32_t *state_of(hc_lane *lane, uint32_t slot) {
+    return (_Atomic uint32_t *)((uint8_t *)lane->states + (size_t)slot * LINE);
+}
+
+hc_lane *hc_lane_create(const char *name, uint32_t nslots, size_t slot_bytes) {
+    size_t bytes = data_offset(nslots) + (size_t)nslots * slot_bytes;
+    int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) {
+        hc_log(HC_LOG_DEBUG, "shm_open(%s): %s", name, strerror(errno));
+        return NULL;
+    }
+    uint8_t *base = MAP_FAILED;
+    if (ftruncate(fd, (off_t)bytes) == 0) base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (base == MAP_FAILED) {
+        hc_log(HC_LOG_DEBUG, "cannot size or map %s (%zu bytes): %s", name, bytes, strerror(errno));
+        shm_unlink(name);
+        return NULL;
+    }
+    lane_header *h = (lane_header *)base;
+    h->nslots = nslots;
+    h->slot_bytes = slot_bytes;
+    for (uint32_t i = 0; i < nslots; i++)
+        atomic_store_explicit((_Atomic uint32_t *)(base + LINE + (size_t)i * LINE), SLOT_FREE, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    h->magic = LANE_MAGIC;
+    hc_lane *lane = wrap(name, base, bytes, 1);
+    if (!lane) {
+        munmap(base, bytes);
+        shm_unlink(name);
+    }
+    return lane;
+}
+
+hc_lane *hc_lane_attach(const char *name) {
+    int fd = shm_open(name, O_RDWR, 0);
+    if (fd < 0) {
+        hc_log(HC_LOG_DEBUG, "shm_open(%s) to attach: %s", name, strerror(errno));
+        return NULL;
+    }
+    lane_header h;
+    uint8_t *base = MAP_FAILED;
+    size_t bytes = 0;
+    if (pread(fd, &h, sizeof h, 0) == (ssize_t)sizeof h && h.magic == LANE_MAGIC && h.nslots > 0) {
+        bytes = data_offset(h.nslots) + (size_t)h.nslots * h.slot_bytes;
+        base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    }
+    close(fd);
+    /* Mapped (or not): the name is no longer needed, and removing it now
+     * means a crash later leaves nothing behind in /dev/shm. */
+    shm_unlink(name);
+    if (base == MAP_FAILED) return NULL;
+    hc_lane *lane = wrap(name, base, bytes, 0);
+    if (!lane) munmap(base, bytes);
+    return lane;
+}
+
+void hc_lane_close(hc_lane *lane) {
+    if (!lane) return;
+    if (lane->linked) shm_unlink(lane->name);
+    munmap(lane->base, lane->map_bytes);
+    free(lane);
+}
+
+int hc_lane_take(hc_lane *lane) {
+    for (uint32_t k = 0; k < lane->nslots; k++) {
+        uint32_t slot = (lane->cursor + k) % lane->nslots;
+        if (atomic_load_explicit(state_of(lane, slot), memory_order_acquire) == SLOT_FREE) {
+            lane->cursor = (slot + 1) % lane->nslots;
+            return (int)slot;
+        }
+    }
+    return -1;
+}
+
+void hc_lane_fill(hc_lane *lane, int slot) {
+    atomic_store_explicit(state_of(lane, (uint32_t)slot), SLOT_FULL, memory_order_release);
+}
+
+const uint8_t *hc_lane_read(hc_lane *lane, uint32_t slot) {
+    if (slot >= lane->nslots || atomic_load_explicit(state_of(lane, slot), memory_order_acquire) != SLOT_FULL)
+        return NULL;
+    return hc_lane_slot(lane, (int)slot);
+}
+
+void hc_lane_free_slot(_Atomic uint32_t *state) { atomic_store_explicit(state, SLOT_FREE, memory_order_release); }
+
+_Atomic uint32_t *hc_lane_state(hc_lane *lane, uint32_t slot) { return state_of(lane, slot); }

@@ -1,0 +1,48 @@
+/*
+ * Shared-memory lanes: payload carriers between ranks on one host.
+ *
+ * Over TCP loopback every byte is copied into the kernel and out again; a
+ * lane lets the sender copy a payload once into memory the receiver maps,
+ * while the small header still travels over ZeroMQ, so ordering, matching,
+ * aborts and dead-peer detection work exactly as for remote peers.
+ *
+ * A lane belongs to one (sender, receiver) pair and holds fixed slots of
+ * chunk size. The sender takes a free slot (or, when all are busy, sends the
+ * payload over the socket instead, so it never blocks); the receiver frees
+ * the slot when it releases the message. Slots are freed in any order.
+ */
+#ifndef HC_SHM_H
+#define HC_SHM_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct hc_lane {
+    char name[64];
+    uint8_t *base;
+    size_t map_bytes;
+    uint32_t nslots;
+    size_t slot_bytes;
+    _Atomic uint32_t *states; /* one per slot, a cache line apart */
+    uint8_t *data;
+    uint32_t cursor;          /* sender: where to look for a free slot first */
+    int linked;               /* the name still exists in /dev/shm */
+} hc_lane;
+
+/* Creates the lane `name` with `nslots` slots of `slot_bytes`. NULL on failure. */
+hc_lane *hc_lane_create(const char *name, uint32_t nslots, size_t slot_bytes);
+/* Maps a lane another process created and removes its name. NULL on failure. */
+hc_lane *hc_lane_attach(const char *name);
+void hc_lane_close(hc_lane *lane);
+/* A free slot's index, or -1 when all are in use. */
+int hc_lane_take(hc_lane *lane);
+/* The sender filled the slot: publish it. */
+void hc_lane_fill(hc_lane *lane, int slot);
+/* The receiver: a filled slot's bytes, or NULL if `slot` is not filled. */
+const uint8_t *hc_lane_read(hc_lane *lane, uint32_t slot);
+void hc_lane_free_slot(_Atomic uint32_t *state);
+_Atomic uint32_t *hc_lane_state(hc_lane *lane, uint32_t slot);
+static inline uint8_t *hc_lane_slot(hc_lane *lane, int slot) { return lane->data + (size_t)slot * lane->slot_bytes; }
+
+#endif
