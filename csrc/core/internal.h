@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/errors.h"
 #include "hetcomm.h"
 #include "transport/shm.h"
 #include "transport/wire.h"
@@ -36,12 +37,6 @@ typedef enum hc_op_kind {
 
 const char *hc_op_kind_name(int kind);
 
-/* ---- errors and logging (core/errors.c) ---- */
-
-void hc_set_last_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-int hc_log_enabled(int level);
-void hc_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-int64_t hc_now_ns(void);
 
 /* ---- messages ---- */
 
