@@ -40,14 +40,14 @@ static int chain(hc_exec *x) {
         hc_msg *m;
         int rc = hc_xrecv(x, prev, &m);
         if (rc != HC_OK) return rc;
-        if (m->len != len * es) {
+        char *dst = (char *)op->recvbuf + lo * es;
+        if (m->len != len * es)
             rc = hc_xfail(x, HC_ERR_MISMATCH, "rank %d: broadcast piece of %zu bytes from rank %d, expected %zu",
                           c->rank, m->len, prev, len * es);
-        } else if (cp < n - 1) {
-            rc = hc_xforward(x, next, m);
-        }
-        if (rc == HC_OK && len) memcpy((char *)op->recvbuf + lo * es, m->data, len * es);
+        else if (len)
+            memcpy(dst, m->data, len * es);
         hc_xrelease(x, m);
+        if (rc == HC_OK && cp < n - 1) rc = hc_xsend(x, next, dst, len * es);
         if (rc != HC_OK) return rc;
     }
     return HC_OK;

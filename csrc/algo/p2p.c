@@ -39,7 +39,7 @@ static void finish_recv(hc_comm *c, hc_op *op, hc_msg *m) {
     } else if (want) {
         memcpy(op->recvbuf, m->data, want);
     }
-    hc_tp_release_msg(m);
+    hc_tp_release_msg(c, m);
     hc_msg_free(c, m);
     hc_op_complete(op, status, NULL);
 }

@@ -123,12 +123,12 @@ static int allgather_phase(hc_exec *x, const ring *g, char *out) {
             hc_msg *m;
             int rc = recv_piece(x, g, len, &m);
             if (rc != HC_OK) return rc;
-            if (s < n - 2 && (rc = hc_xforward(x, g->next, m)) != HC_OK) {
-                hc_xrelease(x, m);
-                return rc;
-            }
-            if (len) memcpy(out + at(g, seg, off), m->data, len * g->es);
+            char *dst = out + at(g, seg, off);
+            if (len) memcpy(dst, m->data, len * g->es);
             hc_xrelease(x, m);
+            /* Passed on from where it landed: that region is final, so the
+             * zero-copy send needs no further care. */
+            if (s < n - 2 && (rc = hc_xsend(x, g->next, dst, len * g->es)) != HC_OK) return rc;
         }
     }
     return HC_OK;

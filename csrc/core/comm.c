@@ -22,7 +22,7 @@ static void free_comm(hc_comm *c) {
         hc_peer *p = &c->peers[r];
         for (hc_msg *m = p->stash_head, *next; m; m = next) {
             next = m->next;
-            hc_tp_release_msg(m);
+            hc_tp_release_msg(c, m);
             free(m);
         }
         free(p->site_name);
@@ -33,7 +33,7 @@ static void free_comm(hc_comm *c) {
     }
     for (hc_msg *m = c->unexpected_head, *next; m; m = next) {
         next = m->next;
-        hc_tp_release_msg(m);
+        hc_tp_release_msg(c, m);
         free(m);
     }
     /* After the stashes: released messages write their lane slot's state. */

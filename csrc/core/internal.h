@@ -49,7 +49,8 @@ typedef struct hc_msg {
     const uint8_t *data;
     size_t len;
     int inbox;           /* which inbox it came in on (plain, ipc, secure) */
-    _Atomic uint32_t *shm_state; /* payload is in a lane slot, freed on release */
+    hc_lane *lane;       /* payload is in this lane's `slot`, freed on release */
+    uint32_t slot;
     struct hc_msg *next;
 } hc_msg;
 
@@ -105,6 +106,7 @@ typedef struct hc_peer {
     int peer_streams;     /* how many streams the peer opened to this rank */
     int ready;            /* its READY arrived (handshake complete) */
     hc_lane *tx_lane;     /* payloads to this peer, when it mapped the lane */
+    struct hc_pending *pend_head, *pend_tail; /* zero-copy sends waiting for a lane slot */
     hc_lane *rx_lane;     /* payloads from this peer */
     int tx_lane_ok;
     int gone;             /* its connection dropped */
@@ -221,9 +223,6 @@ typedef struct hc_exec {
 /* Sends `len` bytes to `dst` as the next message of this op. Large payloads
  * go zero-copy: the bytes must stay unchanged until hc_xsend_wait(). */
 int hc_xsend(hc_exec *x, int dst, const void *buf, size_t len);
-/* Sends the payload of a received message on to `dst` without copying it;
- * `m` stays readable. */
-int hc_xforward(hc_exec *x, int dst, hc_msg *m);
 /* The next message of this op from `src`. Release it with hc_xrelease. */
 int hc_xrecv(hc_exec *x, int src, hc_msg **out);
 /* hc_xrecv, checks the length is exactly `len`, copies it to buf. */
@@ -246,6 +245,8 @@ int hc_xfail(hc_exec *x, int status, const char *fmt, ...) __attribute__((format
 
 /* ---- progress engine (core/progress.c) ---- */
 
+/* Checks messages that came early for this op (or stale ones) before it runs. */
+int hc_progress_check_stash(hc_comm *comm, hc_op *op);
 /* Waits for message number `part` of collective `seq` from `src`. */
 int hc_progress_wait(hc_comm *comm, hc_op *op, int src, uint32_t part, int timeout_ms,
                      hc_msg **out);
@@ -266,8 +267,6 @@ void hc_tp_build_pollset(hc_comm *comm);
 /* Sends header + payload to peer on the stream chosen by header->part. */
 int hc_tp_send(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payload,
                size_t len, int tx_group /* -1: copy */);
-/* Sends header + the payload frame of `m` (shared, not copied). */
-int hc_tp_forward(hc_comm *comm, hc_peer *peer, hc_wire_header *h, hc_msg *m);
 /* Non-blocking: 1 and *out set when a message was waiting, 0 when none, or
  * a negative hc_status (as -status) on failure. */
 int hc_tp_try_recv(hc_comm *comm, int inbox, hc_msg **out);
@@ -275,7 +274,10 @@ int hc_tp_try_recv(hc_comm *comm, int inbox, hc_msg **out);
 int hc_tp_read_monitor(hc_comm *comm, hc_peer *peer);
 void hc_tp_close_peers(hc_comm *comm, int linger_ms);
 void hc_tp_close_all(hc_comm *comm, int linger_ms);
-void hc_tp_release_msg(hc_msg *m);
+/* Frees the message's frames (or lane slot, crediting a waiting sender). */
+void hc_tp_release_msg(hc_comm *comm, hc_msg *m);
+/* Moves queued payloads into the peer's lane as slots free up. */
+void hc_tp_pump(hc_comm *comm, hc_peer *peer);
 hc_txtrack *hc_tx_new(void);
 void hc_tx_free(hc_txtrack *tx);
 long hc_tx_inflight(hc_txtrack *tx, int group);

@@ -31,7 +31,7 @@ hc_msg *hc_msg_alloc(hc_comm *c) {
         return NULL;
     }
     m->has_payload_frame = 0;
-    m->shm_state = NULL;
+    m->lane = NULL;
     m->data = NULL;
     m->len = 0;
     m->next = NULL;
@@ -44,7 +44,7 @@ void hc_msg_free(hc_comm *c, hc_msg *m) {
 }
 
 static void drop(hc_comm *c, hc_msg *m) {
-    hc_tp_release_msg(m);
+    hc_tp_release_msg(c, m);
     hc_msg_free(c, m);
 }
 
@@ -178,6 +178,8 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
             p->ready = 1;
             if ((h->flags & HC_WIRE_SHM) && p->tx_lane) {
                 p->tx_lane_ok = 1;
+                hc_log(HC_LOG_DEBUG, "%s: rank %d -> rank %d: payloads through shared memory (%u x %zu bytes)",
+                       c->name, c->rank, p->rank, p->tx_lane->nslots, p->tx_lane->slot_bytes);
             } else if (p->tx_lane) { /* it could not map the lane: sockets only */
                 hc_lane_close(p->tx_lane);
                 p->tx_lane = NULL;
@@ -193,16 +195,19 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
                                      (const char *)m->data)
                        : status;
         if (!w->op) {
-            char msg[HC_ERROR_LEN];
-            snprintf(msg, sizeof msg, "%s aborted the communicator: %.*s",
-                     hc_peer_desc(c, h->src, who, sizeof who), (int)m->len, (const char *)m->data);
-            hc_comm_break(c, status, msg, 0);
+            hc_set_last_error("%s aborted the communicator: %.*s", hc_peer_desc(c, h->src, who, sizeof who),
+                              (int)m->len, (const char *)m->data);
+            hc_comm_break(c, status, hc_last_error(), 0);
         }
         drop(c, m);
         return rc;
     }
     case HC_MSG_P2P:
         hc_p2p_deliver(c, m);
+        return HC_OK;
+    case HC_MSG_CREDIT:
+        if (p->pend_head) hc_tp_pump(c, p);
+        drop(c, m);
         return HC_OK;
     case HC_MSG_DATA: {
         uint64_t cur = current_seq(c, w->op);
@@ -325,6 +330,24 @@ static int poll_items(hc_comm *c, hc_op *op, long timeout_ms) {
     if (e == EINTR) return HC_OK; /* a signal for another thread: just wait again */
     if (op) return hc_op_failf(op, HC_ERR_TRANSPORT, "zmq_poll: %s", hc_zmq.strerror(e));
     return HC_ERR_TRANSPORT;
+}
+
+int hc_progress_check_stash(hc_comm *c, hc_op *op) {
+    /* Messages that arrived before this op started were filed unchecked. */
+    for (int r = 0; r < c->size; r++)
+        for (hc_msg *m = c->peers[r].stash_head; m; m = m->next) {
+            if (m->h.seq == op->seq) {
+                int rc = check_signature(c, op, m);
+                if (rc != HC_OK) return rc;
+            } else if (m->h.seq < op->seq) {
+                char who[160];
+                return hc_op_failf(op, HC_ERR_PROTOCOL,
+                                   "%s sent a message of collective #%" PRIu64 " but this rank is at #%" PRIu64
+                                   "; the ranks issued different numbers of collectives",
+                                   hc_peer_desc(c, r, who, sizeof who), m->h.seq, op->seq);
+            }
+        }
+    return HC_OK;
 }
 
 int hc_progress_wait(hc_comm *c, hc_op *op, int src, uint32_t part, int timeout_ms, hc_msg **out) {

@@ -51,7 +51,8 @@ static void run_op(hc_comm *c, hc_op *op) {
     }
     for (int r = 0; r < c->size; r++) c->peers[r].tx_part = c->peers[r].rx_part = 0;
     hc_exec x = {c, op, op->timeout_ms, 0};
-    int status = c->size == 1 && op->kind == HC_OP_BARRIER ? HC_OK : run_algorithm(&x);
+    int status = hc_progress_check_stash(c, op);
+    if (status == HC_OK && !(c->size == 1 && op->kind == HC_OP_BARRIER)) status = run_algorithm(&x);
     /* The user may reuse the buffers once the op completes, so ZeroMQ must
      * have let go of every zero-copy send first. */
     if (status == HC_OK) status = hc_xsend_wait(&x, -1);

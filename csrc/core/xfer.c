@@ -40,20 +40,13 @@ int hc_xsend_copy(hc_exec *x, int dst, const void *buf, size_t len) {
     return send_common(x, dst, buf, len, -1);
 }
 
-int hc_xforward(hc_exec *x, int dst, hc_msg *m) {
-    hc_wire_header h;
-    fill_header(x, &h, dst);
-    int rc = hc_tp_forward(x->comm, &x->comm->peers[dst], &h, m);
-    return rc == HC_OK ? rc : hc_xfail(x, rc, "%s", hc_last_error());
-}
-
 int hc_xrecv(hc_exec *x, int src, hc_msg **out) {
     uint32_t part = x->comm->peers[src].rx_part++;
     return hc_progress_wait(x->comm, x->op, src, part, x->timeout_ms, out);
 }
 
 void hc_xrelease(hc_exec *x, hc_msg *m) {
-    hc_tp_release_msg(m);
+    hc_tp_release_msg(x->comm, m);
     hc_msg_free(x->comm, m);
 }
 

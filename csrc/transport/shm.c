@@ -20,6 +20,7 @@ typedef struct lane_header {
     uint32_t nslots;
     uint32_t reserved;
     uint64_t slot_bytes;
+    _Atomic uint32_t waiting;
 } lane_header;
 
 static size_t page_round(size_t n) {
@@ -39,6 +40,7 @@ static hc_lane *wrap(const char *name, uint8_t *base, size_t map_bytes, int link
     lane->nslots = h->nslots;
     lane->slot_bytes = h->slot_bytes;
     lane->states = (_Atomic uint32_t *)(base + LINE);
+    lane->waiting = &((lane_header *)base)->waiting;
     lane->data = base + data_offset(h->nslots);
     lane->linked = linked;
     return lane;
@@ -111,7 +113,7 @@ void hc_lane_close(hc_lane *lane) {
 int hc_lane_take(hc_lane *lane) {
     for (uint32_t k = 0; k < lane->nslots; k++) {
         uint32_t slot = (lane->cursor + k) % lane->nslots;
-        if (atomic_load_explicit(state_of(lane, slot), memory_order_acquire) == SLOT_FREE) {
+        if (atomic_load(state_of(lane, slot)) == SLOT_FREE) {
             lane->cursor = (slot + 1) % lane->nslots;
             return (int)slot;
         }
@@ -129,6 +131,11 @@ const uint8_t *hc_lane_read(hc_lane *lane, uint32_t slot) {
     return hc_lane_slot(lane, (int)slot);
 }
 
-void hc_lane_free_slot(_Atomic uint32_t *state) { atomic_store_explicit(state, SLOT_FREE, memory_order_release); }
+int hc_lane_release(hc_lane *lane, uint32_t slot) {
+    /* Sequentially consistent on both sides (here and in want_slot/take), so
+     * either the sender sees the free slot or this sees its waiting flag. */
+    atomic_store(state_of(lane, slot), SLOT_FREE);
+    return atomic_load(lane->waiting) && atomic_exchange(lane->waiting, 0);
+}
 
-_Atomic uint32_t *hc_lane_state(hc_lane *lane, uint32_t slot) { return state_of(lane, slot); }
+void hc_lane_want_slot(hc_lane *lane) { atomic_store(lane->waiting, 1); }

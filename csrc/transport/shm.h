@@ -25,6 +25,7 @@ typedef struct hc_lane {
     uint32_t nslots;
     size_t slot_bytes;
     _Atomic uint32_t *states; /* one per slot, a cache line apart */
+    _Atomic uint32_t *waiting; /* the sender found no free slot and waits for a credit */
     uint8_t *data;
     uint32_t cursor;          /* sender: where to look for a free slot first */
     int linked;               /* the name still exists in /dev/shm */
@@ -41,8 +42,12 @@ int hc_lane_take(hc_lane *lane);
 void hc_lane_fill(hc_lane *lane, int slot);
 /* The receiver: a filled slot's bytes, or NULL if `slot` is not filled. */
 const uint8_t *hc_lane_read(hc_lane *lane, uint32_t slot);
-void hc_lane_free_slot(_Atomic uint32_t *state);
-_Atomic uint32_t *hc_lane_state(hc_lane *lane, uint32_t slot);
+/* The receiver is done with a slot. Returns 1 when the sender was waiting
+ * for one and must be told (the flag is cleared). */
+int hc_lane_release(hc_lane *lane, uint32_t slot);
+/* The sender will wait for a credit; call hc_lane_take again afterwards, in
+ * case a slot was freed in between (then no credit comes). */
+void hc_lane_want_slot(hc_lane *lane);
 static inline uint8_t *hc_lane_slot(hc_lane *lane, int slot) { return lane->data + (size_t)slot * lane->slot_bytes; }
 
 #endif

@@ -21,6 +21,7 @@ typedef enum hc_msg_kind {
     HC_MSG_P2P = 3,   /* a point-to-point send */
     HC_MSG_ABORT = 4, /* the sender broke the communicator; payload: reason */
     HC_MSG_READY = 5, /* after all greetings: which shared-memory lanes work */
+    HC_MSG_CREDIT = 6, /* a lane slot was freed while its sender waited for one */
 } hc_msg_kind;
 
 enum {

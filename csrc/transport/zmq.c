@@ -295,29 +295,77 @@ static int send_inline(void *s, hc_wire_header *h, const void *payload, size_t l
     return HC_OK;
 }
 
-/* Copies the payload into a free slot of the peer's lane and sends only the
- * header. 0 when the lane is unusable or full (the caller falls back). */
-static int send_via_lane(hc_peer *p, void *s, hc_wire_header *h, const void *payload, size_t len, int *rc) {
-    if (!p->tx_lane_ok || len > p->tx_lane->slot_bytes) return 0;
-    int slot = hc_lane_take(p->tx_lane);
-    if (slot < 0) return 0;
-    memcpy(hc_lane_slot(p->tx_lane, slot), payload, len);
+/* A zero-copy send waiting for a free slot in the peer's lane. */
+typedef struct hc_pending {
+    hc_wire_header h;
+    const void *buf;
+    int group;
+    struct hc_pending *next;
+} hc_pending;
+
+static void *stream_for(hc_peer *p, const hc_wire_header *h) { return p->streams[h->part % (uint32_t)p->nstreams]; }
+
+/* Copies the payload into lane slot `slot` and sends only the header. */
+static int send_in_slot(hc_peer *p, hc_wire_header *h, const void *payload, int slot) {
+    memcpy(hc_lane_slot(p->tx_lane, slot), payload, h->len);
     hc_lane_fill(p->tx_lane, slot);
     h->flags = (uint8_t)((h->flags & ~HC_WIRE_INLINE) | HC_WIRE_SHM);
     h->reserved = (uint32_t)slot;
-    *rc = hc_zmq.send(s, h, sizeof *h, HC_ZMQ_DONTWAIT) < 0 ? zerr("send to", p->url) : HC_OK;
+    return hc_zmq.send(stream_for(p, h), h, sizeof *h, HC_ZMQ_DONTWAIT) < 0 ? zerr("send to", p->url) : HC_OK;
+}
+
+void hc_tp_pump(hc_comm *c, hc_peer *p) {
+    while (p->pend_head) {
+        int slot = hc_lane_take(p->tx_lane);
+        if (slot < 0) {
+            hc_lane_want_slot(p->tx_lane);
+            if ((slot = hc_lane_take(p->tx_lane)) < 0) return; /* a CREDIT will come */
+        }
+        hc_pending *q = p->pend_head;
+        p->pend_head = q->next;
+        if (!p->pend_head) p->pend_tail = NULL;
+        if (send_in_slot(p, &q->h, q->buf, slot) != HC_OK)
+            hc_comm_break(c, HC_ERR_TRANSPORT, hc_last_error(), 1);
+        tx_add(&c->tx->group[q->group], -1);
+        free(q);
+    }
+}
+
+/* Payloads to a peer with a lane go through it: at once if a slot is free,
+ * else queued (zero-copy sends only; their buffers stay valid until the op's
+ * tx wait). Returns 0 when the lane cannot take it (the caller uses the socket). */
+static int send_via_lane(hc_comm *c, hc_peer *p, hc_wire_header *h, const void *payload, int tx_group, int *rc) {
+    if (!p->tx_lane_ok || h->len > p->tx_lane->slot_bytes) return 0;
+    int slot = p->pend_head ? -1 : hc_lane_take(p->tx_lane);
+    if (slot >= 0) {
+        *rc = send_in_slot(p, h, payload, slot);
+        return 1;
+    }
+    if (tx_group < 0) return 0;
+    hc_pending *q = malloc(sizeof *q);
+    if (!q) return 0;
+    *q = (hc_pending){*h, payload, tx_group, NULL};
+    if (p->pend_tail)
+        p->pend_tail->next = q;
+    else
+        p->pend_head = q;
+    p->pend_tail = q;
+    tx_add(&c->tx->group[tx_group], 1);
+    hc_tp_pump(c, p);
+    *rc = HC_OK;
     return 1;
 }
 
 int hc_tp_send(hc_comm *c, hc_peer *p, hc_wire_header *h, const void *payload, size_t len,
                int tx_group) {
-    void *s = p->streams[h->part % (uint32_t)p->nstreams];
+    void *s = stream_for(p, h);
+    int carries_payload = h->kind == HC_MSG_DATA || h->kind == HC_MSG_P2P;
     h->len = len;
-    h->flags &= (uint8_t)~HC_WIRE_SHM;
+    if (carries_payload) h->flags &= (uint8_t)~HC_WIRE_SHM; /* on HELLO/READY it means something else */
     account(c, p, len);
     if (len <= HC_INLINE_MAX) return send_inline(s, h, payload, len);
     int rc;
-    if (send_via_lane(p, s, h, payload, len, &rc)) return rc;
+    if (carries_payload && send_via_lane(c, p, h, payload, tx_group, &rc)) return rc;
     h->flags &= (uint8_t)~HC_WIRE_INLINE;
     hc_zmq_msg m;
     if (tx_group >= 0) {
@@ -336,29 +384,22 @@ int hc_tp_send(hc_comm *c, hc_peer *p, hc_wire_header *h, const void *payload, s
     return HC_OK;
 }
 
-int hc_tp_forward(hc_comm *c, hc_peer *p, hc_wire_header *h, hc_msg *m) {
-    if (!m->has_payload_frame || p->tx_lane_ok) return hc_tp_send(c, p, h, m->data, m->len, -1);
-    void *s = p->streams[h->part % (uint32_t)p->nstreams];
-    h->len = m->len;
-    h->flags &= (uint8_t)~HC_WIRE_INLINE;
-    account(c, p, m->len);
-    hc_zmq_msg share;
-    hc_zmq.msg_init(&share);
-    if (hc_zmq.msg_copy(&share, &m->payload) != 0) return zerr("zmq_msg_copy", NULL);
-    if (hc_zmq.send(s, h, sizeof *h, HC_ZMQ_SNDMORE | HC_ZMQ_DONTWAIT) < 0 ||
-        hc_zmq.msg_send(&share, s, HC_ZMQ_DONTWAIT) < 0) {
-        int rc = zerr("forward to", p->url);
-        hc_zmq.msg_close(&share);
-        return rc;
-    }
-    return HC_OK;
-}
-
 /* ---- receive ---- */
 
-void hc_tp_release_msg(hc_msg *m) {
-    if (m->shm_state) hc_lane_free_slot(m->shm_state);
-    m->shm_state = NULL;
+void hc_tp_release_msg(hc_comm *c, hc_msg *m) {
+    if (m->lane && hc_lane_release(m->lane, m->slot) && m->h.src >= 0 && m->h.src < c->size) {
+        hc_peer *p = &c->peers[m->h.src];
+        if (p->streams && p->streams[0]) {
+            hc_wire_header h = {0};
+            h.magic = HC_WIRE_MAGIC;
+            h.version = HC_WIRE_VERSION;
+            h.kind = HC_MSG_CREDIT;
+            h.src = c->rank;
+            h.comm_id = c->cfg.comm_id;
+            send_inline(p->streams[0], &h, NULL, 0);
+        }
+    }
+    m->lane = NULL;
     hc_zmq.msg_close(&m->frame);
     if (m->has_payload_frame) hc_zmq.msg_close(&m->payload);
     m->has_payload_frame = 0;
@@ -387,7 +428,8 @@ static int read_lane(hc_comm *c, hc_msg *m, size_t frame_bytes) {
     if (!data) return 0;
     m->data = data;
     m->len = h->len;
-    m->shm_state = hc_lane_state(lane, h->reserved);
+    m->lane = lane;
+    m->slot = h->reserved;
     return 1;
 }
 
@@ -408,7 +450,7 @@ int hc_tp_try_recv(hc_comm *c, int inbox, hc_msg **out) {
     const uint8_t *d = hc_zmq.msg_data(&m->frame);
     memset(&m->h, 0, sizeof m->h);
     if (n >= sizeof m->h) memcpy(&m->h, d, sizeof m->h);
-    if ((m->h.flags & HC_WIRE_SHM) && m->h.kind == HC_MSG_DATA) {
+    if ((m->h.flags & HC_WIRE_SHM) && (m->h.kind == HC_MSG_DATA || m->h.kind == HC_MSG_P2P)) {
         *out = m;
         if (!read_lane(c, m, n)) m->h.magic = 0;
         return 1;
@@ -469,6 +511,12 @@ void hc_tp_build_pollset(hc_comm *c) {
 void hc_tp_close_peers(hc_comm *c, int linger_ms) {
     for (int r = 0; c->peers && r < c->size; r++) {
         hc_peer *p = &c->peers[r];
+        for (hc_pending *q = p->pend_head, *next; q; q = next) {
+            next = q->next;
+            tx_add(&c->tx->group[q->group], -1);
+            free(q);
+        }
+        p->pend_head = p->pend_tail = NULL;
         for (int i = 0; p->streams && i < p->nstreams; i++) {
             if (!p->streams[i]) continue;
             set_int(p->streams[i], HC_ZMQ_LINGER, linger_ms);
