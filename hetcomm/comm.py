@@ -269,6 +269,8 @@ class Communicator:
         cfg.codec_block = opts.codec_block
         cfg.codec_scale_fp32 = 1 if opts.codec_scale == "fp32" else 0
         cfg.sndbuf_bytes = cfg.rcvbuf_bytes = opts.socket_buffer
+        cfg.shm_enable = int(opts.shm)
+        cfg.shm_bytes = opts.shm_bytes
         return cfg, keep
 
     def _connect(self, store: Any, opts: Options) -> None:

@@ -40,6 +40,17 @@ def env_float(name: str, default: float) -> float:
         raise ValueError(f"environment variable {name}={value!r} is not a number") from None
 
 
+def env_bool(name: str, default: bool) -> bool:
+    value = env_str(name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "on", "true", "yes"):
+        return True
+    if value.lower() in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"environment variable {name}={value!r} is not a boolean (1/0, on/off)")
+
+
 def parse_size(text: str | int) -> int:
     """'512K' -> 524288; plain integers pass through."""
     if isinstance(text, int):
@@ -76,6 +87,8 @@ class Options:
     codec_block: int | None = None        # quantization block, elements (HETCOMM_CODEC_BLOCK)
     codec_scale: str | None = None        # fp32|fp16 block scales (HETCOMM_CODEC_SCALE)
     socket_buffer: int | None = None      # SO_SNDBUF/SO_RCVBUF between sites (HETCOMM_SOCKET_BUFFER)
+    shm: bool | None = None               # shared-memory lanes on one host (HETCOMM_SHM)
+    shm_bytes: int | None = None          # bytes per lane (HETCOMM_SHM_BYTES)
     curve: bool | None = None             # CurveZMQ between sites (HETCOMM_CURVE)
     curve_keys: str | None = None         # directory made by `hetcomm keygen` (HETCOMM_CURVE_KEYS)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -100,8 +113,11 @@ class Options:
         o.codec_scale = (o.codec_scale or env_str("HETCOMM_CODEC_SCALE", "fp32")).lower()
         o.socket_buffer = (parse_size(o.socket_buffer) if o.socket_buffer is not None
                            else env_int("HETCOMM_SOCKET_BUFFER", 0))
+        if o.shm is None:
+            o.shm = env_bool("HETCOMM_SHM", True)
+        o.shm_bytes = parse_size(o.shm_bytes) if o.shm_bytes is not None else env_int("HETCOMM_SHM_BYTES", 8 << 20)
         if o.curve is None:
-            o.curve = env_str("HETCOMM_CURVE", "").lower() in ("1", "on", "true", "yes")
+            o.curve = env_bool("HETCOMM_CURVE", False)
         o.curve_keys = o.curve_keys or env_str("HETCOMM_CURVE_KEYS")
         o.validate()
         return o
