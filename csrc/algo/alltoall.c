@@ -25,7 +25,7 @@ int hc_alltoall_run(hc_exec *x) {
     }
     if (in_bytes && out_bytes && in < out + out_bytes && out < in + in_bytes) {
         /* In place: the zero-copy sends must not see blocks being received. */
-        char *copy = hc_comm_scratch(c, 1, in_bytes);
+        char *copy = hc_comm_scratch(c, HC_SCRATCH_TMP, in_bytes);
         if (!copy) return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for an in-place alltoall", r);
         memcpy(copy, in, in_bytes);
         in = copy;

@@ -63,7 +63,7 @@ int hc_reduce_run(hc_exec *x) {
     size_t bytes = op->count * hc_dtype_size(op->dtype);
     int is_root = c->rank == op->root;
     /* Non-roots have no output buffer; partial results go to a work buffer. */
-    char *acc = is_root ? op->recvbuf : hc_comm_scratch(c, 0, bytes);
+    char *acc = is_root ? op->recvbuf : hc_comm_scratch(c, HC_SCRATCH_WORK, bytes);
     if (!acc && bytes) return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for a %zu-byte reduce buffer", c->rank, bytes);
     int small = bytes < c->cfg.small_bytes;
     if (small && acc != op->sendbuf && bytes) memcpy(acc, op->sendbuf, bytes);

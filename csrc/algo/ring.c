@@ -8,100 +8,81 @@
  * All ranks end bit-identical: each segment is reduced completely at one
  * rank (its owner) and every other rank copies the owner's bytes.
  */
+#include "algo/ring.h"
+
 #include <string.h>
 
-#include "core/internal.h"
+#include "kernels/convert.h"
 
-typedef struct ring {
-    int n, pos, next, prev;
-    const int *order;
-    size_t es, count, ce; /* element size, elements in total, elements per piece */
-    size_t block;         /* 0: segments split one buffer (allreduce); else
-                             segment i is the block of rank order[i-1] */
-} ring;
-
-static int mod(int a, int n) { return ((a % n) + n) % n; }
-
-static void ring_init(hc_exec *x, ring *g, size_t count, size_t block) {
+void hc_ring_init(hc_exec *x, hc_ring *g, const int *members, int n, size_t count, size_t block, size_t esize) {
     hc_comm *c = x->comm;
-    g->n = c->size;
-    g->pos = c->ring_pos;
-    g->order = c->ring;
-    g->next = c->ring[(g->pos + 1) % g->n];
-    g->prev = c->ring[(g->pos - 1 + g->n) % g->n];
-    g->es = hc_dtype_size(x->op->dtype);
+    g->n = n;
+    g->order = members;
+    g->pos = 0;
+    for (int i = 0; i < n; i++)
+        if (members[i] == c->rank) g->pos = i;
+    g->next = members[(g->pos + 1) % n];
+    g->prev = members[(g->pos - 1 + n) % n];
+    g->es = esize;
     g->count = count;
     g->block = block;
-    g->ce = hc_chunk_elems(x);
+    size_t ce = c->cfg.chunk_bytes / esize;
+    g->ce = ce ? ce : 1;
 }
 
-static size_t seg_lo(const ring *g, int seg) { return hc_split(g->count, g->n, seg); }
-static size_t seg_hi(const ring *g, int seg) { return hc_split(g->count, g->n, seg + 1); }
-
-static size_t pieces_of(const ring *g, int seg) { return hc_piece_count(seg_hi(g, seg) - seg_lo(g, seg), g->ce); }
-
-/* Piece k of segment seg: offset (in segment space) and length, in elements. */
-static void piece(const ring *g, int seg, size_t k, size_t *off, size_t *len) {
-    size_t hi = seg_hi(g, seg);
-    *off = seg_lo(g, seg) + k * g->ce;
+void hc_ring_piece(const hc_ring *g, int seg, size_t k, size_t *off, size_t *len) {
+    size_t hi = hc_ring_seg_hi(g, seg);
+    *off = hc_ring_seg_lo(g, seg) + k * g->ce;
     size_t end = *off + g->ce < hi ? *off + g->ce : hi;
     *len = end > *off ? end - *off : 0;
 }
 
-/* Where an element of segment space lives in a caller's buffer, in bytes. */
-static size_t at(const ring *g, int seg, size_t off) {
+size_t hc_ring_at(const hc_ring *g, int seg, size_t off) {
     if (!g->block) return off * g->es;
-    return ((size_t)g->order[mod(seg - 1, g->n)] * g->block + (off - seg_lo(g, seg))) * g->es;
+    return ((size_t)g->order[hc_mod(seg - 1, g->n)] * g->block + (off - hc_ring_seg_lo(g, seg))) * g->es;
 }
 
-static int recv_piece(hc_exec *x, const ring *g, size_t len, hc_msg **m) {
+int hc_ring_recv(hc_exec *x, const hc_ring *g, size_t bytes, hc_msg **m) {
     int rc = hc_xrecv(x, g->prev, m);
     if (rc != HC_OK) return rc;
-    if ((*m)->len != len * g->es) {
+    if ((*m)->len != bytes) {
         rc = hc_xfail(x, HC_ERR_MISMATCH,
                       "rank %d received a piece of %zu bytes from rank %d where %zu were expected; "
-                      "the ranks' buffer sizes differ",
-                      x->comm->rank, (*m)->len, g->prev, len * g->es);
+                      "the ranks' buffer sizes or codec settings differ",
+                      x->comm->rank, (*m)->len, g->prev, bytes);
         hc_xrelease(x, *m);
     }
     return rc;
 }
 
-static int send_segment(hc_exec *x, const ring *g, int seg, const char *buf) {
-    for (size_t k = 0, np = pieces_of(g, seg); k < np; k++) {
+static int send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf) {
+    for (size_t k = 0, np = hc_ring_pieces(g, seg); k < np; k++) {
         size_t off, len;
-        piece(g, seg, k, &off, &len);
-        int rc = hc_xsend(x, g->next, buf + at(g, seg, off), len * g->es);
+        hc_ring_piece(g, seg, k, &off, &len);
+        int rc = hc_xsend(x, g->next, buf + hc_ring_at(g, seg, off), len * g->es);
         if (rc != HC_OK) return rc;
     }
     return HC_OK;
 }
 
-/*
- * Reduce-scatter: afterwards ring position pos holds the full reduction of
- * segment pos+1 — in `work`, or at `last` (a buffer of just that segment)
- * when given. `in` holds this rank's contribution, `work` takes the partial
- * sums (it may be `in`). With `final_group` >= 0 each finished piece of the
- * owned segment is sent on at once, as the first step of an allgather.
- */
-static int reduce_scatter_phase(hc_exec *x, const ring *g, const char *in, char *work, char *last,
-                                int divide, int final_group) {
+int hc_ring_reduce_scatter(hc_exec *x, const hc_ring *g, const char *in, char *work, char *last,
+                           int divide_by, int final_group) {
     hc_op *op = x->op;
     int n = g->n;
     x->tx_group = 0;
     int rc = send_segment(x, g, g->pos, in);
     for (int s = 0; rc == HC_OK && s < n - 1; s++) {
-        int seg = mod(g->pos - s - 1, n);
+        int seg = hc_mod(g->pos - s - 1, n);
         int final = s == n - 2;
-        for (size_t k = 0, np = pieces_of(g, seg); rc == HC_OK && k < np; k++) {
+        for (size_t k = 0, np = hc_ring_pieces(g, seg); rc == HC_OK && k < np; k++) {
             size_t off, len;
-            piece(g, seg, k, &off, &len);
+            hc_ring_piece(g, seg, k, &off, &len);
             hc_msg *m;
-            if ((rc = recv_piece(x, g, len, &m)) != HC_OK) break;
-            char *dst = final && last ? last + (off - seg_lo(g, seg)) * g->es : work + at(g, seg, off);
-            hc_reduce_kernel(dst, in + at(g, seg, off), m->data, len, op->dtype, op->redop);
+            if ((rc = hc_ring_recv(x, g, len * g->es, &m)) != HC_OK) break;
+            char *dst = final && last ? last + (off - hc_ring_seg_lo(g, seg)) * g->es : work + hc_ring_at(g, seg, off);
+            hc_reduce_kernel(dst, in + hc_ring_at(g, seg, off), m->data, len, op->dtype, op->redop);
             hc_xrelease(x, m);
-            if (final && divide) hc_divide_kernel(dst, len, op->dtype, n);
+            if (final && divide_by > 1) hc_divide_kernel(dst, len, op->dtype, divide_by);
             if (!final || final_group >= 0) {
                 x->tx_group = final ? final_group : 0;
                 rc = hc_xsend(x, g->next, dst, len * g->es);
@@ -111,19 +92,17 @@ static int reduce_scatter_phase(hc_exec *x, const ring *g, const char *in, char 
     return rc;
 }
 
-/* Allgather: position pos starts owning segment pos+1 (already sent on) and
- * ends with every segment in `out`. */
-static int allgather_phase(hc_exec *x, const ring *g, char *out) {
+int hc_ring_allgather(hc_exec *x, const hc_ring *g, char *out) {
     int n = g->n;
     for (int s = 0; s < n - 1; s++) {
-        int seg = mod(g->pos - s, n);
-        for (size_t k = 0, np = pieces_of(g, seg); k < np; k++) {
+        int seg = hc_mod(g->pos - s, n);
+        for (size_t k = 0, np = hc_ring_pieces(g, seg); k < np; k++) {
             size_t off, len;
-            piece(g, seg, k, &off, &len);
+            hc_ring_piece(g, seg, k, &off, &len);
             hc_msg *m;
-            int rc = recv_piece(x, g, len, &m);
+            int rc = hc_ring_recv(x, g, len * g->es, &m);
             if (rc != HC_OK) return rc;
-            char *dst = out + at(g, seg, off);
+            char *dst = out + hc_ring_at(g, seg, off);
             if (len) memcpy(dst, m->data, len * g->es);
             hc_xrelease(x, m);
             /* Passed on from where it landed: that region is final, so the
@@ -134,20 +113,51 @@ static int allgather_phase(hc_exec *x, const ring *g, char *out) {
     return HC_OK;
 }
 
-int hc_allreduce_ring(hc_exec *x) {
-    hc_op *op = x->op;
-    ring g;
-    ring_init(x, &g, op->count, 0);
-    char *out = op->recvbuf;
-    if (g.n == 1) {
-        if (op->sendbuf != op->recvbuf && op->count) memcpy(out, op->sendbuf, op->count * g.es);
+int hc_ring_allreduce(hc_exec *x, const hc_ring *g, const void *in, void *out, int divide_by) {
+    if (g->n == 1) {
+        if (in != out && g->count) memcpy(out, in, g->count * g->es);
+        if (divide_by > 1) hc_divide_kernel(out, g->count, x->op->dtype, divide_by);
         return HC_OK;
     }
-    int rc = reduce_scatter_phase(x, &g, op->sendbuf, out, NULL, op->redop == HC_AVG, 1);
+    int rc = hc_ring_reduce_scatter(x, g, in, out, NULL, divide_by, 1);
     /* The allgather overwrites segments this rank sent during the
      * reduce-scatter; ZeroMQ must be done reading them. */
     if (rc == HC_OK) rc = hc_xsend_wait(x, 0);
-    if (rc == HC_OK) rc = allgather_phase(x, &g, out);
+    if (rc == HC_OK) rc = hc_ring_allgather(x, g, out);
+    return rc;
+}
+
+/* ---- the flat collectives ---- */
+
+int hc_allreduce_ring(hc_exec *x) {
+    hc_op *op = x->op;
+    hc_ring g;
+    hc_ring_init(x, &g, x->comm->ring, x->comm->size, op->count, 0, hc_dtype_size(op->dtype));
+    return hc_ring_allreduce(x, &g, op->sendbuf, op->recvbuf, op->redop == HC_AVG ? x->comm->size : 0);
+}
+
+/* Float data through fp32 for the codecs: `count` elements of the op's
+ * dtype at `src` as fp32 (the buffer itself when it already is). */
+static float *as_f32(hc_exec *x, int slot, const void *src, size_t count) {
+    if (x->op->dtype == HC_FLOAT32) return (float *)src;
+    float *f = hc_comm_scratch(x->comm, slot, count * sizeof(float));
+    if (f && src) hc_convert_to_f32(f, src, count, x->op->dtype);
+    return f;
+}
+
+static int reduce_scatter_codec(hc_exec *x) {
+    hc_op *op = x->op;
+    hc_comm *c = x->comm;
+    size_t total = op->count * (size_t)c->size;
+    const float *in = as_f32(x, HC_SCRATCH_STAGE, op->sendbuf, total);
+    float *last = op->dtype == HC_FLOAT32 ? op->recvbuf : as_f32(x, HC_SCRATCH_WORK, NULL, op->count);
+    float *residual = op->opts.residual_key ? hc_residual_get(c, op->opts.residual_key, total) : NULL;
+    if ((!in || !last || (op->opts.residual_key && !residual)) && total)
+        return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory to stage a compressed reduce_scatter", c->rank);
+    hc_ring g;
+    hc_ring_init(x, &g, c->ring, c->size, total, op->count, sizeof(float));
+    int rc = hc_ring_reduce_scatter_codec(x, &g, in, last, op->redop == HC_AVG ? c->size : 0, residual);
+    if (rc == HC_OK && last != op->recvbuf) hc_convert_from_f32(op->recvbuf, last, op->count, op->dtype);
     return rc;
 }
 
@@ -159,15 +169,16 @@ int hc_reduce_scatter_ring(hc_exec *x) {
         if (op->sendbuf != op->recvbuf && block) memcpy(op->recvbuf, op->sendbuf, block * es);
         return HC_OK;
     }
+    if (op->codec != HC_CODEC_NONE) return reduce_scatter_codec(x);
     /* Partial sums cannot go into the caller's input, so they go to a work
      * buffer kept by the communicator. */
-    char *work = hc_comm_scratch(c, 0, block * (size_t)c->size * es);
+    char *work = hc_comm_scratch(c, HC_SCRATCH_WORK, block * (size_t)c->size * es);
     if (!work && block)
         return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for a %zu-byte reduce_scatter work buffer",
                         c->rank, block * (size_t)c->size * es);
-    ring g;
-    ring_init(x, &g, block * (size_t)c->size, block);
-    return reduce_scatter_phase(x, &g, op->sendbuf, work, op->recvbuf, op->redop == HC_AVG, -1);
+    hc_ring g;
+    hc_ring_init(x, &g, c->ring, c->size, block * (size_t)c->size, block, es);
+    return hc_ring_reduce_scatter(x, &g, op->sendbuf, work, op->recvbuf, op->redop == HC_AVG ? c->size : 0, -1);
 }
 
 int hc_allgather_ring(hc_exec *x) {
@@ -178,9 +189,21 @@ int hc_allgather_ring(hc_exec *x) {
     char *mine = out + (size_t)c->rank * block * es;
     if (op->sendbuf != mine && block) memmove(mine, op->sendbuf, block * es);
     if (c->size == 1) return HC_OK;
-    ring g;
-    ring_init(x, &g, block * (size_t)c->size, block);
+    if (op->codec != HC_CODEC_NONE) {
+        size_t total = block * (size_t)c->size;
+        float *out32 = as_f32(x, HC_SCRATCH_STAGE, op->dtype == HC_FLOAT32 ? out : NULL, total);
+        if (!out32 && total) return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory to stage a compressed allgather", c->rank);
+        if (out32 != (float *)out) hc_convert_to_f32(out32 + (size_t)c->rank * block, mine, block, op->dtype);
+        float *residual = op->opts.residual_key ? hc_residual_get(c, op->opts.residual_key, total) : NULL;
+        hc_ring g;
+        hc_ring_init(x, &g, c->ring, c->size, total, block, sizeof(float));
+        int rc = hc_ring_allgather_codec(x, &g, out32, residual);
+        if (rc == HC_OK && out32 != (float *)out) hc_convert_from_f32(out, out32, total, op->dtype);
+        return rc;
+    }
+    hc_ring g;
+    hc_ring_init(x, &g, c->ring, c->size, block * (size_t)c->size, block, es);
     x->tx_group = 1;
-    int rc = send_segment(x, &g, mod(g.pos + 1, g.n), out); /* own block: segment pos+1 */
-    return rc == HC_OK ? allgather_phase(x, &g, out) : rc;
+    int rc = send_segment(x, &g, hc_mod(g.pos + 1, g.n), out); /* own block: segment pos+1 */
+    return rc == HC_OK ? hc_ring_allgather(x, &g, out) : rc;
 }

@@ -68,7 +68,8 @@ static int codec_for(hc_comm *c, hc_op *op) {
     int codec = op->opts.codec >= 0 ? op->opts.codec : c->cfg.codec;
     /* Only float sums and averages are compressed; the rest must be exact. */
     if (!is_float(op->dtype) || (op->redop != HC_SUM && op->redop != HC_AVG)) return HC_CODEC_NONE;
-    if (op->count * hc_dtype_size(op->dtype) < c->cfg.codec_min_bytes) return HC_CODEC_NONE;
+    if (codec < 0 || codec >= HC_CODEC_COUNT || op->count * hc_dtype_size(op->dtype) < c->cfg.codec_min_bytes)
+        return HC_CODEC_NONE;
     return codec;
 }
 
@@ -172,6 +173,8 @@ int hc_allgather(hc_comm *c, const void *sendbuf, void *recvbuf, size_t count, i
     CHECK(check_buffer(c, __func__, "sendbuf", sendbuf, count, dtype, 1));
     CHECK(check_buffer(c, __func__, "recvbuf", recvbuf, count, dtype, (size_t)c->size));
     NEW_OP(HC_OP_ALLGATHER, sendbuf, recvbuf, count, dtype);
+    /* Lossy gathers (parameters, activations) only when asked for per call. */
+    if (opts && opts->codec > 0) op->codec = codec_for(c, op);
     return submit(c, op, op_out);
 }
 

@@ -18,7 +18,8 @@
 
 #define HC_ERROR_LEN 1024
 #define HC_MAX_INBOXES 3
-#define HC_SCRATCH_SLOTS 4
+/* Work buffers the worker keeps between ops (see hc_comm_scratch). */
+enum { HC_SCRATCH_WORK, HC_SCRATCH_TMP, HC_SCRATCH_INDEX, HC_SCRATCH_ARENA, HC_SCRATCH_STAGE, HC_SCRATCH_SLOTS };
 
 typedef enum hc_op_kind {
     HC_OP_ALLREDUCE = 1,
@@ -297,6 +298,7 @@ void hc_p2p_fail_all(hc_comm *comm, int status, const char *error);
 
 /* ---- algorithms (one file each under algo/) ---- */
 
+int hc_allreduce_run(hc_exec *x);
 int hc_allreduce_ring(hc_exec *x);
 int hc_allreduce_recursive_doubling(hc_exec *x);
 int hc_reduce_scatter_ring(hc_exec *x);

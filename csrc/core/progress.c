@@ -49,7 +49,7 @@ static void drop(hc_comm *c, hc_msg *m) {
 }
 
 static const char *call_desc(char *buf, size_t len, int kind, uint64_t count, int dtype,
-                             int redop, int root) {
+                             int redop, int root, int codec, uint32_t params) {
     int n = snprintf(buf, len, "%s(count=%" PRIu64 ", dtype=%s", hc_op_kind_name(kind), count,
                      hc_dtype_name(dtype));
     if (kind == HC_OP_ALLREDUCE || kind == HC_OP_REDUCE || kind == HC_OP_REDUCE_SCATTER)
@@ -57,6 +57,9 @@ static const char *call_desc(char *buf, size_t len, int kind, uint64_t count, in
     if (kind == HC_OP_BROADCAST || kind == HC_OP_REDUCE || kind == HC_OP_GATHER ||
         kind == HC_OP_SCATTER)
         n += snprintf(buf + n, len - (size_t)n, ", root=%d", root);
+    if (codec)
+        n += snprintf(buf + n, len - (size_t)n, ", codec=%s, block=%u, %s scales", hc_codec_name(codec),
+                      params & 0x7fffffffu, params >> 31 ? "fp32" : "fp16");
     snprintf(buf + n, len - (size_t)n, ")");
     return buf;
 }
@@ -71,14 +74,16 @@ static int check_signature(hc_comm *c, hc_op *op, const hc_msg *m) {
         op->kind == HC_OP_SCATTER)
         same = same && h->root == op->root;
     if (op->kind != HC_OP_ALLTOALLV && op->kind != HC_OP_BARRIER) same = same && h->count == op->count;
+    uint32_t params = op->codec ? c->cfg.codec_block | (c->cfg.codec_scale_fp32 ? 0x80000000u : 0) : 0;
+    same = same && h->codec == op->codec && h->reserved0 == params;
     if (same) return HC_OK;
-    char mine[160], theirs[160], who[160];
+    char mine[200], theirs[200], who[160];
     return hc_op_failf(op, HC_ERR_MISMATCH,
                        "collective #%" PRIu64 " differs across ranks: rank %d called %s but %s called %s",
                        op->seq, c->rank,
-                       call_desc(mine, sizeof mine, op->kind, op->count, op->dtype, op->redop, op->root),
+                       call_desc(mine, sizeof mine, op->kind, op->count, op->dtype, op->redop, op->root, op->codec, params),
                        hc_peer_desc(c, h->src, who, sizeof who),
-                       call_desc(theirs, sizeof theirs, h->op, h->count, h->dtype, h->redop, h->root));
+                       call_desc(theirs, sizeof theirs, h->op, h->count, h->dtype, h->redop, h->root, h->codec, h->reserved0));
 }
 
 static void warn_dropped(hc_comm *c, const hc_msg *m, const char *why) {

@@ -3,33 +3,14 @@
  * sockets. It runs collectives one at a time in issue order and keeps the
  * point-to-point engine moving between and during them.
  */
-#include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "core/internal.h"
 
-static int is_float(int dtype) {
-    return dtype == HC_FLOAT32 || dtype == HC_FLOAT64 || dtype == HC_FLOAT16 || dtype == HC_BFLOAT16;
-}
-
-static int allreduce(hc_exec *x) {
-    hc_comm *c = x->comm;
-    hc_op *op = x->op;
-    size_t bytes = op->count * hc_dtype_size(op->dtype);
-    int algo = op->opts.algo != HC_ALGO_AUTO ? op->opts.algo : c->cfg.algo;
-    if (algo == HC_ALGO_AUTO) algo = bytes < c->cfg.small_bytes ? HC_ALGO_RECURSIVE_DOUBLING : HC_ALGO_RING;
-    if (op->codec != HC_CODEC_NONE && is_float(op->dtype)) algo = HC_ALGO_RING;
-    if (hc_log_enabled(HC_LOG_DEBUG))
-        hc_log(HC_LOG_DEBUG, "%s: allreduce #%" PRIu64 " of %zu bytes: %s", c->name, op->seq, bytes,
-               algo == HC_ALGO_RECURSIVE_DOUBLING ? "recursive doubling" : "ring");
-    return algo == HC_ALGO_RECURSIVE_DOUBLING || algo == HC_ALGO_TREE ? hc_allreduce_recursive_doubling(x)
-                                                                     : hc_allreduce_ring(x);
-}
-
 static int run_algorithm(hc_exec *x) {
     switch (x->op->kind) {
-    case HC_OP_ALLREDUCE: return allreduce(x);
+    case HC_OP_ALLREDUCE: return hc_allreduce_run(x);
     case HC_OP_BROADCAST: return hc_broadcast_run(x);
     case HC_OP_REDUCE: return hc_reduce_run(x);
     case HC_OP_ALLGATHER: return hc_allgather_ring(x);
