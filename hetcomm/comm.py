@@ -372,10 +372,16 @@ class Communicator:
     # ---- op plumbing ----------------------------------------------------
 
     def _submit(self, fn: Any, args: tuple, keep: tuple, result: Any, what: str, async_op: bool,
-                codec: str | None = None) -> Any:
+                codec: str | None = None, residual_key: int | None = None, sr_seed: int | None = None) -> Any:
         opts = ffi.new("hc_call_opts *")
         lib.hc_call_opts_init(opts)
         opts.codec = codec_code(codec)
+        if residual_key is not None:
+            if not 0 < residual_key < 2**64:
+                raise ValueError(f"residual_key must be a positive 64-bit integer, got {residual_key}")
+            opts.residual_key = residual_key
+        if sr_seed is not None:
+            opts.sr_seed = sr_seed & (2**64 - 1) or 1
         out = ffi.new("hc_op **")
         _native.check(fn(self._live_handle(), *args, opts, out), what)
         work = Work(self, out[0], keep, result, f"{self.name} rank {self.rank}: {what}")
@@ -401,13 +407,18 @@ class Communicator:
     # ---- collectives ----------------------------------------------------
 
     def allreduce(self, buf: Any, op: str | int = "sum", *, out: Any = None, codec: str | None = None,
-                  async_op: bool = False) -> Any:
-        """Reduces ``buf`` across ranks; the result goes to ``out`` or, by default, back into ``buf``."""
+                  residual_key: int | None = None, sr_seed: int | None = None, async_op: bool = False) -> Any:
+        """Reduces ``buf`` across ranks; the result goes to ``out`` or, by default, back into ``buf``.
+
+        ``codec`` compresses float sum/avg on the wire ("fp16", "bf16", "int8", "int4",
+        "1bit"; default: the communicator's); ``residual_key`` turns on error feedback
+        with a residual kept under that key; ``sr_seed`` turns on stochastic rounding.
+        """
         src = _array(buf, "buf", out is None)
         dst = src if out is None else self._out(out, src, src.size, "out")
         dt = dtype_code(src.dtype, "buf")
         return self._submit(lib.hc_allreduce, (_ptr(src), _ptr(dst), src.size, dt, reduce_op_code(op)),
-                            (src, dst), dst, "allreduce", async_op, codec)
+                            (src, dst), dst, "allreduce", async_op, codec, residual_key, sr_seed)
 
     def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False) -> Any:
         """Copies root's ``buf`` into every rank's ``buf``."""
@@ -426,17 +437,20 @@ class Communicator:
         return self._submit(lib.hc_reduce, (_ptr(src), ptr, src.size, dtype_code(src.dtype, "buf"),
                                             reduce_op_code(op), root), (src, dst), dst, "reduce", async_op)
 
-    def allgather(self, buf: Any, out: Any = None, *, async_op: bool = False) -> Any:
-        """Every rank's ``buf``, stacked: shape ``(size, *buf.shape)`` (or ``out``, size*len elements)."""
+    def allgather(self, buf: Any, out: Any = None, *, codec: str | None = None, async_op: bool = False) -> Any:
+        """Every rank's ``buf``, stacked: shape ``(size, *buf.shape)`` (or ``out``, size*len elements).
+
+        A ``codec`` here is lossy for every rank's data (each decodes the same bytes).
+        """
         src = _array(buf, "buf", False)
         dst = self._out(out, src, src.size * self.size, "out")
         if out is None:
             dst = dst.reshape((self.size, *src.shape))
         return self._submit(lib.hc_allgather, (_ptr(src), _ptr(dst), src.size, dtype_code(src.dtype, "buf")),
-                            (src, dst), dst, "allgather", async_op)
+                            (src, dst), dst, "allgather", async_op, codec)
 
     def reduce_scatter(self, buf: Any, op: str | int = "sum", *, out: Any = None, codec: str | None = None,
-                       async_op: bool = False) -> Any:
+                       residual_key: int | None = None, async_op: bool = False) -> Any:
         """Reduces ``buf`` (size equal blocks) across ranks; rank r gets block r."""
         src = _array(buf, "buf", False)
         if src.size % self.size:
@@ -445,7 +459,7 @@ class Communicator:
         dst = self._out(out, src, count, "out")
         return self._submit(lib.hc_reduce_scatter, (_ptr(src), _ptr(dst), count, dtype_code(src.dtype, "buf"),
                                                     reduce_op_code(op)), (src, dst), dst, "reduce_scatter",
-                            async_op, codec)
+                            async_op, codec, residual_key)
 
     def gather(self, buf: Any, root: int = 0, out: Any = None, *, async_op: bool = False) -> Any:
         """Root gets every rank's ``buf`` stacked (shape ``(size, *buf.shape)``); others get None."""
