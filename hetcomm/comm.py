@@ -20,7 +20,7 @@ import numpy as np
 from hetcomm import _native, rendezvous
 from hetcomm._capi import ffi, lib
 from hetcomm.config import CODECS, Options
-from hetcomm.errors import error_for
+from hetcomm.errors import AuthError, HetcommError, error_for
 
 log = logging.getLogger("hetcomm")
 
@@ -271,9 +271,21 @@ class Communicator:
         cfg.sndbuf_bytes = cfg.rcvbuf_bytes = opts.socket_buffer
         cfg.shm_enable = int(opts.shm)
         cfg.shm_bytes = opts.shm_bytes
+        if self._curve:
+            cfg.curve_enable = 1
+            cfg.curve_public_key = s(self._curve[0])
+            cfg.curve_secret_key = s(self._curve[1])
         return cfg, keep
 
     def _connect(self, store: Any, opts: Options) -> None:
+        self._curve = None
+        allow: set[str] = set()
+        if opts.curve:
+            from hetcomm import security
+
+            self._curve = security.load_secret(opts.curve_secret)
+            allow = security.load_allow_list(opts.curve_allow)
+            security.start_authenticator(_native.zmq_context(), allow)
         comm_id, token = rendezvous.agree_identity(store, self._prefix, self.rank)
         cfg, keep = self._config(opts, comm_id, token)
         handle = ffi.new("hc_comm **")
@@ -281,8 +293,9 @@ class Communicator:
         self._handle = handle[0]
         record = {"endpoint": ffi.string(lib.hc_comm_endpoint(self._handle)).decode(),
                   "site": opts.site or "", "host": ffi.string(cfg.host).decode(),
-                  "machine": rendezvous.machine_id()}
+                  "machine": rendezvous.machine_id(), "curve": self._curve[0] if self._curve else None}
         peers = rendezvous.exchange(store, self._prefix, self.rank, self.size, record)
+        untrusted: list[str] = []
         for r, peer in enumerate(peers):
             if r == self.rank:
                 continue
@@ -290,9 +303,34 @@ class Communicator:
             if peer["machine"] != record["machine"]:
                 # ipc:// only works between processes that share a kernel.
                 endpoint = ";".join(e for e in endpoint.split(";") if not e.startswith("ipc="))
+            key = ffi.NULL
+            if self._curve and peer["site"] != record["site"]:
+                from hetcomm.security import check_peer_key
+
+                try:
+                    check_peer_key(r, peer.get("curve"), allow)
+                except AuthError as exc:
+                    # Connect anyway, so that both sides see the refusal (our
+                    # authenticator turns its key away); only greetings, never
+                    # data, can cross before the handshake fails.
+                    untrusted.append(str(exc))
+                key = (peer.get("curve") or "").encode() or ffi.NULL
             _native.check(lib.hc_comm_set_peer(self._handle, r, endpoint.encode(), peer["site"].encode(),
-                                               peer["host"].encode(), ffi.NULL), "hc_comm_set_peer")
-        _native.check(lib.hc_comm_connect(self._handle), "hc_comm_connect")
+                                               peer["host"].encode(), key), "hc_comm_set_peer")
+        try:
+            _native.check(lib.hc_comm_connect(self._handle), "hc_comm_connect")
+        except HetcommError as exc:
+            if untrusted:
+                raise AuthError(f"{'; '.join(untrusted)} ({exc})", "HC_ERR_AUTH") from None
+            if self._curve and exc.status == "HC_ERR_AUTH":
+                from hetcomm.security import recently_denied
+
+                denied = recently_denied()
+                if denied:
+                    raise AuthError(f"{exc} (keys refused here: {', '.join(denied)})", exc.status) from None
+            raise
+        if untrusted:
+            raise AuthError("; ".join(untrusted), "HC_ERR_AUTH")
         del keep
         log.debug("%s: rank %d/%d connected", self.name, self.rank, self.size)
 

@@ -89,8 +89,9 @@ class Options:
     socket_buffer: int | None = None      # SO_SNDBUF/SO_RCVBUF between sites (HETCOMM_SOCKET_BUFFER)
     shm: bool | None = None               # shared-memory lanes on one host (HETCOMM_SHM)
     shm_bytes: int | None = None          # bytes per lane (HETCOMM_SHM_BYTES)
-    curve: bool | None = None             # CurveZMQ between sites (HETCOMM_CURVE)
-    curve_keys: str | None = None         # directory made by `hetcomm keygen` (HETCOMM_CURVE_KEYS)
+    curve: bool | None = None             # CurveZMQ between sites; default: on when a secret is set (HETCOMM_CURVE)
+    curve_secret: str | None = None       # this rank's NAME.key_secret from `hetcomm keygen` (HETCOMM_CURVE_SECRET)
+    curve_allow: str | None = None        # directory of trusted public *.key files (HETCOMM_CURVE_ALLOW)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> "Options":
@@ -116,9 +117,10 @@ class Options:
         if o.shm is None:
             o.shm = env_bool("HETCOMM_SHM", True)
         o.shm_bytes = parse_size(o.shm_bytes) if o.shm_bytes is not None else env_int("HETCOMM_SHM_BYTES", 8 << 20)
+        o.curve_secret = o.curve_secret or env_str("HETCOMM_CURVE_SECRET")
+        o.curve_allow = o.curve_allow or env_str("HETCOMM_CURVE_ALLOW")
         if o.curve is None:
-            o.curve = env_bool("HETCOMM_CURVE", False)
-        o.curve_keys = o.curve_keys or env_str("HETCOMM_CURVE_KEYS")
+            o.curve = env_bool("HETCOMM_CURVE", bool(o.curve_secret))
         o.validate()
         return o
 
@@ -140,3 +142,6 @@ class Options:
             raise ValueError(f"chunk_bytes must be at least 4096, got {self.chunk_bytes}")
         if self.codec_block is not None and self.codec_block <= 0:
             raise ValueError(f"codec_block must be positive, got {self.codec_block}")
+        if self.curve and not (self.curve_secret and self.curve_allow):
+            raise ValueError("CURVE needs both curve_secret (HETCOMM_CURVE_SECRET, a NAME.key_secret file) and "
+                             "curve_allow (HETCOMM_CURVE_ALLOW, a directory of trusted *.key files)")

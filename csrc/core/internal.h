@@ -156,6 +156,7 @@ struct hc_comm {
     int own_ctx;
     void *inbox[HC_MAX_INBOXES];
     int ninbox;
+    void *secure_monitor;   /* auth failures on the CURVE inbox */
     char endpoint[768];
     hc_peer *peers;
     int connected;
@@ -188,6 +189,7 @@ struct hc_comm {
     hc_txtrack *tx;
     hc_zmq_pollitem *items;
     int nitems;
+    int npinned;            /* items before the peers' monitors */
     hc_msg *free_msgs;
     hc_residual *residuals;
     void *scratch[HC_SCRATCH_SLOTS]; /* grow-only work buffers of the worker */
@@ -273,6 +275,7 @@ int hc_tp_send(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payl
 int hc_tp_try_recv(hc_comm *comm, int inbox, hc_msg **out);
 /* Reads one monitor event of `peer`: the event code, or 0 when none. */
 int hc_tp_read_monitor(hc_comm *comm, hc_peer *peer);
+int hc_tp_read_event(void *monitor);
 void hc_tp_close_peers(hc_comm *comm, int linger_ms);
 void hc_tp_close_all(hc_comm *comm, int linger_ms);
 /* Frees the message's frames (or lane slot, crediting a waiting sender). */

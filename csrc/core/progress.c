@@ -288,6 +288,16 @@ static int service_control(hc_comm *c, want *w) {
         hc_set_last_error("aborted on rank %d: %s", c->rank, c->abort_reason);
         return w->op ? hc_op_failf(w->op, HC_ERR_ABORTED, "%s", hc_last_error()) : HC_ERR_ABORTED;
     }
+    for (int ev; c->secure_monitor && (ev = hc_tp_read_event(c->secure_monitor)) != 0;) {
+        const char *what = "refused a connection to its CURVE port: the connecting process's key is not in "
+                           "the allow-list, or it expected another server key";
+        if (c->connected) { /* a running job ignores strangers */
+            hc_log(HC_LOG_WARNING, "%s: rank %d %s", c->name, c->rank, what);
+            continue;
+        }
+        hc_set_last_error("%s: rank %d %s", c->name, c->rank, what);
+        return HC_ERR_AUTH;
+    }
     for (int r = 0; r < c->size; r++) {
         hc_peer *p = &c->peers[r];
         if (r == c->rank || !p->monitor) continue;

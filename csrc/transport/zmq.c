@@ -136,6 +136,18 @@ static int bind_inbox(hc_comm *c, const char *base, int secure, char *endpoint, 
     return HC_OK;
 }
 
+/* Refused CURVE handshakes show up only as socket events on the server side. */
+static int monitor_secure_inbox(hc_comm *c) {
+    char mon[96];
+    snprintf(mon, sizeof mon, "inproc://hc-secure-monitor-%p", (void *)c);
+    int events = HC_ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | HC_ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                 HC_ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL;
+    if (hc_zmq.socket_monitor(c->inbox[c->ninbox - 1], mon, events) != 0) return zerr("zmq_socket_monitor", mon);
+    c->secure_monitor = hc_zmq.socket(c->zctx, HC_ZMQ_PAIR);
+    if (!c->secure_monitor || hc_zmq.connect(c->secure_monitor, mon) != 0) return zerr("monitor connect", mon);
+    return HC_OK;
+}
+
 static void append_endpoint(hc_comm *c, const char *kind, const char *url) {
     size_t used = strlen(c->endpoint);
     snprintf(c->endpoint + used, sizeof c->endpoint - used, "%s%s=%s", used ? ";" : "", kind, url);
@@ -177,6 +189,7 @@ int hc_tp_bind(hc_comm *c) {
             char url[256] = "";
             rc = bind_inbox(c, first_tcp, 1, url, sizeof url);
             if (rc == HC_OK) append_endpoint(c, "curve", url);
+            if (rc == HC_OK) rc = monitor_secure_inbox(c);
         }
     }
     free(list);
@@ -476,10 +489,12 @@ int hc_tp_try_recv(hc_comm *c, int inbox, hc_msg **out) {
     return 1;
 }
 
-int hc_tp_read_monitor(hc_comm *c, hc_peer *p) {
+int hc_tp_read_monitor(hc_comm *c, hc_peer *p) { return hc_tp_read_event(p->monitor); }
+
+int hc_tp_read_event(void *monitor) {
     hc_zmq_msg ev;
     hc_zmq.msg_init(&ev);
-    if (!p->monitor || hc_zmq.msg_recv(&ev, p->monitor, HC_ZMQ_DONTWAIT) < 0) {
+    if (!monitor || hc_zmq.msg_recv(&ev, monitor, HC_ZMQ_DONTWAIT) < 0) {
         hc_zmq.msg_close(&ev);
         return 0;
     }
@@ -487,19 +502,21 @@ int hc_tp_read_monitor(hc_comm *c, hc_peer *p) {
     if (hc_zmq.msg_size(&ev) >= 2) memcpy(&event, hc_zmq.msg_data(&ev), 2);
     int more = hc_zmq.msg_more(&ev);
     hc_zmq.msg_close(&ev);
-    if (more) drain_more(p->monitor); /* the endpoint frame */
+    if (more) drain_more(monitor); /* the endpoint frame */
     return event;
 }
 
 /* ---- poll set: inboxes, wake pipe, tx pipe, then one monitor per peer ---- */
 
 void hc_tp_build_pollset(hc_comm *c) {
-    int n = c->ninbox + 2 + c->size;
+    int n = c->ninbox + 3 + c->size;
     c->items = calloc((size_t)n, sizeof *c->items);
     int k = 0;
     for (int i = 0; i < c->ninbox; i++) c->items[k++] = (hc_zmq_pollitem){c->inbox[i], 0, HC_ZMQ_POLLIN, 0};
     c->items[k++] = (hc_zmq_pollitem){NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
     c->items[k++] = (hc_zmq_pollitem){NULL, c->tx->fd[0], HC_ZMQ_POLLIN, 0};
+    if (c->secure_monitor) c->items[k++] = (hc_zmq_pollitem){c->secure_monitor, 0, HC_ZMQ_POLLIN, 0};
+    c->npinned = k;
     for (int r = 0; r < c->size; r++)
         if (r != c->rank && c->peers[r].monitor)
             c->items[k++] = (hc_zmq_pollitem){c->peers[r].monitor, 0, HC_ZMQ_POLLIN, 0};
@@ -529,15 +546,18 @@ void hc_tp_close_peers(hc_comm *c, int linger_ms) {
             p->monitor = NULL;
         }
     }
-    /* The poll set pointed at the monitors. */
-    if (c->items) {
-        int k = c->ninbox + 2;
-        c->nitems = c->nitems < k ? c->nitems : k;
-    }
+    /* The poll set pointed at the peers' monitors. */
+    if (c->items && c->nitems > c->npinned) c->nitems = c->npinned;
 }
 
 void hc_tp_close_all(hc_comm *c, int linger_ms) {
     hc_tp_close_peers(c, linger_ms);
+    if (c->secure_monitor) {
+        hc_zmq.socket_monitor(c->inbox[c->ninbox - 1], NULL, 0);
+        hc_zmq.close(c->secure_monitor);
+        c->secure_monitor = NULL;
+        c->nitems = 0;
+    }
     for (int i = 0; i < c->ninbox; i++) hc_zmq.close(c->inbox[i]);
     c->ninbox = 0;
     if (c->own_ctx && c->zctx) hc_zmq.ctx_term(c->zctx);

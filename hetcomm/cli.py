@@ -1,0 +1,58 @@
+"""The ``hetcomm`` command: key generation and a look at the installation."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from hetcomm.security import keygen
+
+    public, secret = keygen(args.directory, args.name)
+    print(f"public key:  {public}\n  -> copy into every rank's allow-list directory (HETCOMM_CURVE_ALLOW)")
+    print(f"secret key:  {secret}\n  -> stays on this host; point HETCOMM_CURVE_SECRET at it")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import zmq
+
+    from hetcomm import __version__
+    from hetcomm._capi import ffi, lib
+
+    print(f"hetcomm {__version__}")
+    print(f"kernels: {ffi.string(lib.hc_simd_level()).decode()}")
+    print(f"libzmq {zmq.zmq_version()} (from pyzmq {zmq.__version__}), CURVE: {bool(zmq.has('curve'))}")
+    try:
+        import torch
+
+        print(f"torch {torch.__version__}")
+    except ImportError:
+        print("torch: not installed (the torch backend is unavailable; Communicator works)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hetcomm`` console script."""
+    parser = argparse.ArgumentParser(prog="hetcomm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("keygen", help="make a CurveZMQ key pair for links between sites")
+    k.add_argument("directory", help="where to write NAME.key and NAME.key_secret")
+    k.add_argument("--name", default=None, help="certificate name (default: this host's name)")
+    k.set_defaults(fn=_keygen)
+    i = sub.add_parser("info", help="versions and the SIMD level the kernels use")
+    i.set_defaults(fn=_info)
+    args = parser.parse_args(argv)
+    if args.command == "keygen" and not args.name:
+        import socket
+
+        args.name = socket.gethostname()
+    try:
+        return args.fn(args)
+    except (FileExistsError, ValueError) as exc:
+        print(f"hetcomm {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
