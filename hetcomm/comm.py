@@ -410,10 +410,15 @@ class Communicator:
     # ---- op plumbing ----------------------------------------------------
 
     def _submit(self, fn: Any, args: tuple, keep: tuple, result: Any, what: str, async_op: bool,
-                codec: str | None = None, residual_key: int | None = None, sr_seed: int | None = None) -> Any:
+                codec: str | None = None, residual_key: int | None = None, sr_seed: int | None = None,
+                algo: str | None = None) -> Any:
         opts = ffi.new("hc_call_opts *")
         lib.hc_call_opts_init(opts)
         opts.codec = codec_code(codec)
+        if algo is not None:
+            if algo not in _ALGOS:
+                raise ValueError(f"algo must be one of {sorted(_ALGOS)}, got {algo!r}")
+            opts.algo = _ALGOS[algo]
         if residual_key is not None:
             if not 0 < residual_key < 2**64:
                 raise ValueError(f"residual_key must be a positive 64-bit integer, got {residual_key}")
@@ -445,18 +450,20 @@ class Communicator:
     # ---- collectives ----------------------------------------------------
 
     def allreduce(self, buf: Any, op: str | int = "sum", *, out: Any = None, codec: str | None = None,
-                  residual_key: int | None = None, sr_seed: int | None = None, async_op: bool = False) -> Any:
+                  residual_key: int | None = None, sr_seed: int | None = None, algo: str | None = None,
+                  async_op: bool = False) -> Any:
         """Reduces ``buf`` across ranks; the result goes to ``out`` or, by default, back into ``buf``.
 
         ``codec`` compresses float sum/avg on the wire ("fp16", "bf16", "int8", "int4",
         "1bit"; default: the communicator's); ``residual_key`` turns on error feedback
-        with a residual kept under that key; ``sr_seed`` turns on stochastic rounding.
+        with a residual kept under that key; ``sr_seed`` turns on stochastic rounding;
+        ``algo`` ("ring", "rd", "hier") overrides the algorithm choice where it can run.
         """
         src = _array(buf, "buf", out is None)
         dst = src if out is None else self._out(out, src, src.size, "out")
         dt = dtype_code(src.dtype, "buf")
         return self._submit(lib.hc_allreduce, (_ptr(src), _ptr(dst), src.size, dt, reduce_op_code(op)),
-                            (src, dst), dst, "allreduce", async_op, codec, residual_key, sr_seed)
+                            (src, dst), dst, "allreduce", async_op, codec, residual_key, sr_seed, algo)
 
     def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False) -> Any:
         """Copies root's ``buf`` into every rank's ``buf``."""

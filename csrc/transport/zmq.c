@@ -232,7 +232,8 @@ static int choose_url(hc_comm *c, hc_peer *p) {
         p->secure = 1;
         return HC_OK;
     }
-    if (p->host && c->host && *c->host && strcmp(p->host, c->host) == 0 && has_ipc_inbox(c) &&
+    /* Never ipc:// across sites, even on one machine (an emulated WAN would be bypassed). */
+    if (!other_site && p->host && c->host && *c->host && strcmp(p->host, c->host) == 0 && has_ipc_inbox(c) &&
         endpoint_of(p->endpoints, "ipc", p->url, sizeof p->url))
         return HC_OK;
     if (endpoint_of(p->endpoints, "tcp", p->url, sizeof p->url)) return HC_OK;
