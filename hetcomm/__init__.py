@@ -8,6 +8,24 @@ from hetcomm.config import Options
 from hetcomm.errors import (AbortedError, AuthError, CommTimeoutError, HetcommError, MismatchError,
                             PeerLostError, ProtocolError)
 
-__all__ = ["Communicator", "ReduceOp", "Work", "Options", "HetcommError", "CommTimeoutError",
+def get_include() -> str:
+    """Directory holding hetcomm.h, for C programs that embed the core."""
+    import os
+
+    here = os.path.dirname(__file__)
+    for candidate in (os.path.join(here, "_csrc"), os.path.join(here, "..", "csrc")):
+        if os.path.exists(os.path.join(candidate, "hetcomm.h")):
+            return os.path.realpath(candidate)
+    raise FileNotFoundError("hetcomm.h is not installed with this copy of hetcomm")
+
+
+def get_library_dir() -> str:
+    """Directory holding libhetcomm.so (link with -L<dir> -lhetcomm)."""
+    import os
+
+    return os.path.join(os.path.dirname(__file__), "lib")
+
+
+__all__ = ["get_include", "get_library_dir", "Communicator", "ReduceOp", "Work", "Options", "HetcommError", "CommTimeoutError",
            "PeerLostError", "MismatchError", "ProtocolError", "AbortedError", "AuthError"]
 __version__ = "0.1.0"
