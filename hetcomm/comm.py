@@ -155,6 +155,21 @@ class Work:
         return self.wait()
 
 
+def _warn_if_capped(wanted: int) -> None:
+    """Linux silently caps SO_SNDBUF/SO_RCVBUF at net.core.[wr]mem_max, and an
+    explicit size also turns off TCP's own buffer tuning."""
+    for name in ("wmem_max", "rmem_max"):
+        try:
+            with open(f"/proc/sys/net/core/{name}") as f:
+                cap = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if wanted > cap:
+            log.warning("socket buffers of %d bytes asked for, but net.core.%s is %d: the kernel caps them; "
+                        "raise it (sysctl -w net.core.%s=%d) or leave the buffers to TCP autotuning",
+                        wanted, name, cap, name, wanted)
+
+
 _live: "weakref.WeakSet[Communicator]" = weakref.WeakSet()
 
 
@@ -269,6 +284,7 @@ class Communicator:
         cfg.codec_block = opts.codec_block
         cfg.codec_scale_fp32 = 1 if opts.codec_scale == "fp32" else 0
         cfg.sndbuf_bytes = cfg.rcvbuf_bytes = opts.socket_buffer
+        _warn_if_capped(opts.socket_buffer)
         cfg.shm_enable = int(opts.shm)
         cfg.shm_bytes = opts.shm_bytes
         if self._curve:

@@ -51,6 +51,31 @@ def env_bool(name: str, default: bool) -> bool:
     raise ValueError(f"environment variable {name}={value!r} is not a boolean (1/0, on/off)")
 
 
+def parse_rate(text: str) -> float:
+    """'10gbit' -> bytes per second (also mbit, kbit, bit; gbps/mbps)."""
+    s = text.strip().lower().replace("bps", "bit")
+    for suffix, factor in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)):
+        if s.endswith(suffix):
+            return float(s[: -len(suffix)]) * factor / 8
+    raise ValueError(f"rate {text!r} needs a unit: gbit, mbit, kbit or bit")
+
+
+def parse_duration(text: str) -> float:
+    """'40ms' -> 0.04 seconds (also us, s)."""
+    s = text.strip().lower()
+    for suffix, factor in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):
+        if s.endswith(suffix):
+            return float(s[: -len(suffix)]) * factor
+    raise ValueError(f"duration {text!r} needs a unit: s, ms or us")
+
+
+def bdp_buffer(bandwidth: str, rtt: str, streams: int) -> int:
+    """Socket buffer per stream for a link: twice its share of the
+    bandwidth-delay product, so a stream never stalls waiting for ACKs."""
+    bdp = parse_rate(bandwidth) * parse_duration(rtt)
+    return max(256 << 10, int(2 * bdp / max(1, streams)))
+
+
 def parse_size(text: str | int) -> int:
     """'512K' -> 524288; plain integers pass through."""
     if isinstance(text, int):
@@ -87,6 +112,8 @@ class Options:
     codec_block: int | None = None        # quantization block, elements (HETCOMM_CODEC_BLOCK)
     codec_scale: str | None = None        # fp32|fp16 block scales (HETCOMM_CODEC_SCALE)
     socket_buffer: int | None = None      # SO_SNDBUF/SO_RCVBUF between sites (HETCOMM_SOCKET_BUFFER)
+    wan_bandwidth: str | None = None      # e.g. "10gbit": with wan_rtt, sizes socket buffers (HETCOMM_WAN_BANDWIDTH)
+    wan_rtt: str | None = None            # e.g. "40ms" (HETCOMM_WAN_RTT)
     shm: bool | None = None               # shared-memory lanes on one host (HETCOMM_SHM)
     shm_bytes: int | None = None          # bytes per lane (HETCOMM_SHM_BYTES)
     curve: bool | None = None             # CurveZMQ between sites; default: on when a secret is set (HETCOMM_CURVE)
@@ -112,8 +139,12 @@ class Options:
                              else env_int("HETCOMM_CODEC_MIN_BYTES", 64 << 10))
         o.codec_block = o.codec_block if o.codec_block is not None else env_int("HETCOMM_CODEC_BLOCK", 256)
         o.codec_scale = (o.codec_scale or env_str("HETCOMM_CODEC_SCALE", "fp32")).lower()
+        o.wan_bandwidth = o.wan_bandwidth or env_str("HETCOMM_WAN_BANDWIDTH")
+        o.wan_rtt = o.wan_rtt or env_str("HETCOMM_WAN_RTT")
         o.socket_buffer = (parse_size(o.socket_buffer) if o.socket_buffer is not None
                            else env_int("HETCOMM_SOCKET_BUFFER", 0))
+        if not o.socket_buffer and o.wan_bandwidth and o.wan_rtt:
+            o.socket_buffer = bdp_buffer(o.wan_bandwidth, o.wan_rtt, o.streams)
         if o.shm is None:
             o.shm = env_bool("HETCOMM_SHM", True)
         o.shm_bytes = parse_size(o.shm_bytes) if o.shm_bytes is not None else env_int("HETCOMM_SHM_BYTES", 8 << 20)

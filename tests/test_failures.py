@@ -107,11 +107,11 @@ def _dies(rank: int, size: int) -> str:
     import hetcomm
 
     comm = hetcomm.Communicator(rank, size, timeout=60)
-    comm.barrier()
-    if rank == 2:
-        os._exit(3)  # crash without closing anything
     t0 = time.monotonic()
     try:
+        comm.barrier()
+        if rank == 2:
+            os._exit(3)  # crash without closing anything (its last messages may be lost too)
         for _ in range(50):
             comm.allreduce(np.ones(200_000, np.float32))
     except hetcomm.HetcommError as exc:
