@@ -73,6 +73,9 @@ def codec_code(codec: str | None) -> int:
 
 def dtype_code(dtype: np.dtype, what: str) -> int:
     """The C code of a numpy dtype (bfloat16 via ml_dtypes' dtype name)."""
+    code = _DTYPES.get(dtype)
+    if code is not None:
+        return code
     if dtype.name == "bfloat16":
         return 3
     try:
@@ -92,7 +95,8 @@ def _array(buf: Any, what: str, writable: bool) -> np.ndarray:
 
 
 def _ptr(arr: np.ndarray) -> Any:
-    return ffi.cast("void *", arr.ctypes.data) if arr.size else ffi.NULL
+    # __array_interface__ is several times cheaper than arr.ctypes.
+    return ffi.cast("void *", arr.__array_interface__["data"][0]) if arr.size else ffi.NULL
 
 
 class Work:
@@ -441,13 +445,21 @@ class Communicator:
             opts.residual_key = residual_key
         if sr_seed is not None:
             opts.sr_seed = sr_seed & (2**64 - 1) or 1
+        if not async_op:
+            # Blocking: the core may run it on this thread (GIL released),
+            # and the buffers in `keep` live until it returns.
+            status = fn(self._live_handle(), *args, opts, ffi.NULL)
+            if status != lib.HC_OK:
+                detail = ffi.string(lib.hc_last_error()).decode(errors="replace")
+                raise error_for(_native.status_name(status), f"{self.name} rank {self.rank}: {what}: {detail}")
+            return result
         out = ffi.new("hc_op **")
         _native.check(fn(self._live_handle(), *args, opts, out), what)
         work = Work(self, out[0], keep, result, f"{self.name} rank {self.rank}: {what}")
         with self._inflight_lock:
             self._inflight = {w for w in self._inflight if not w._done}
             self._inflight.add(work)
-        return work if async_op else work.wait()
+        return work
 
     def _check_root(self, root: int) -> None:
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:

@@ -182,7 +182,10 @@ def _aborted(rank: int, size: int) -> str:
             comm.allreduce(np.ones(10, np.float32))  # rank 1 is not there yet
         else:
             time.sleep(2)
+            # Rank 0's part of this one left before the abort, so it may
+            # still complete here; the next collective meets the abort.
             comm.allreduce(np.ones(10, np.float32))
+            comm.barrier()
     except hetcomm.HetcommError as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:

@@ -77,6 +77,7 @@ CAPTURE = textwrap.dedent("""
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
     s.bind((ifname, 0))
     s.settimeout(0.2)
+    print("ready", flush=True)
     seen = hits = 0
     deadline = time.time() + 120
     import os
@@ -96,7 +97,7 @@ def capture_while(bed, tmp_path, marker: bytes, job) -> dict:
     wan = next(i for i in bed.wan_interfaces() if i.netns == bed.site_netns(0))
     cap = subprocess.Popen(["ip", "netns", "exec", wan.netns, sys.executable, "-c", CAPTURE, wan.ifname,
                             marker.hex(), str(stop)], stdout=subprocess.PIPE)
-    time.sleep(0.5)
+    assert cap.stdout.readline().strip() == b"ready"  # capturing before the job starts
     try:
         job()
     finally:

@@ -63,6 +63,7 @@ static void free_comm(hc_comm *c) {
     if (c->wake_fd[0] >= 0) close(c->wake_fd[0]);
     if (c->wake_fd[1] >= 0) close(c->wake_fd[1]);
     pthread_mutex_destroy(&c->qmu);
+    pthread_mutex_destroy(&c->engine);
     free(c);
 }
 
@@ -102,6 +103,7 @@ int hc_comm_create(const hc_config *cfg, hc_comm **out) {
     if (!c) return HC_ERR_NO_MEMORY;
     c->wake_fd[0] = c->wake_fd[1] = -1;
     pthread_mutex_init(&c->qmu, NULL);
+    pthread_mutex_init(&c->engine, NULL);
     memset(&c->cfg, 0, sizeof c->cfg);
     memcpy(&c->cfg, cfg, cfg->struct_size < sizeof c->cfg ? cfg->struct_size : sizeof c->cfg);
     c->rank = cfg->rank;

@@ -166,6 +166,9 @@ struct hc_comm {
     int ring_pos;           /* this rank's index in ring */
 
     /* worker and queues */
+    pthread_mutex_t engine;         /* held by whoever drives the sockets: the
+                                       worker, or a caller running a blocking
+                                       op inline while the worker is idle */
     pthread_t worker;
     int worker_started;
     int wake_fd[2];
@@ -257,6 +260,18 @@ int hc_progress_wait(hc_comm *comm, hc_op *op, int src, uint32_t part, int timeo
 int hc_progress_tx_drain(hc_comm *comm, hc_op *op, int group, int timeout_ms);
 /* One idle round of the worker: waits for work or messages. */
 void hc_progress_idle(hc_comm *comm);
+/* Whether the idle worker must watch the sockets (pending receives, p2p
+ * work, a broken communicator to wind down) or may just wait to be woken. */
+int hc_progress_needs_sockets(hc_comm *comm);
+/* Blocks until the wake-up pipe has a byte; leaves it there, since a caller
+ * running an op inline may be waiting on the same pipe. */
+void hc_progress_sleep(hc_comm *comm);
+/* Empties the wake-up pipe; engine held. */
+void hc_progress_clear_wakeups(hc_comm *comm);
+/* Runs one collective and completes it; engine held. */
+void hc_run_op(hc_comm *comm, hc_op *op);
+/* Set on the worker thread: there a signal is not the user's business. */
+extern _Thread_local int hc_on_worker;
 /* Greets every peer; waits for all greetings. */
 int hc_progress_handshake(hc_comm *comm);
 hc_msg *hc_msg_alloc(hc_comm *comm);

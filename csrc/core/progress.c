@@ -339,10 +339,18 @@ static long min_timeout(long a, long b) {
     return a < b ? a : b;
 }
 
+_Thread_local int hc_on_worker;
+
 static int poll_items(hc_comm *c, hc_op *op, long timeout_ms) {
     if (hc_zmq.poll(c->items, c->nitems, timeout_ms) >= 0) return HC_OK;
     int e = hc_zmq.errno_();
-    if (e == EINTR) return HC_OK; /* a signal for another thread: just wait again */
+    if (e == EINTR) {
+        if (hc_on_worker || !op) return HC_OK; /* not this thread's signal: wait again */
+        /* A blocking call on the user's thread: return to the caller so that
+         * Ctrl-C and its other signal handlers run. */
+        return hc_op_failf(op, HC_ERR_INTERRUPTED, "rank %d: %s #%llu interrupted by a signal", c->rank,
+                           hc_op_kind_name(op->kind), (unsigned long long)op->seq);
+    }
     if (op) return hc_op_failf(op, HC_ERR_TRANSPORT, "zmq_poll: %s", hc_zmq.strerror(e));
     return HC_ERR_TRANSPORT;
 }
@@ -459,6 +467,20 @@ void hc_progress_idle(hc_comm *c) {
     pthread_mutex_unlock(&c->qmu);
     if (work) return;
     poll_items(c, NULL, hc_p2p_expire(c, hc_now_ns()));
+}
+
+int hc_progress_needs_sockets(hc_comm *c) {
+    pthread_mutex_lock(&c->qmu);
+    int p2p = c->p2p_head != NULL;
+    pthread_mutex_unlock(&c->qmu);
+    return p2p || c->recv_pending_head || atomic_load(&c->status) != HC_OK || atomic_load(&c->abort_requested);
+}
+
+void hc_progress_clear_wakeups(hc_comm *c) { drain_pipe(c->wake_fd[0]); }
+
+void hc_progress_sleep(hc_comm *c) {
+    hc_zmq_pollitem wake = {NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
+    hc_zmq.poll(&wake, 1, -1);
 }
 
 int hc_progress_handshake(hc_comm *c) {

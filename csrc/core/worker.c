@@ -3,6 +3,7 @@
  * sockets. It runs collectives one at a time in issue order and keeps the
  * point-to-point engine moving between and during them.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -24,7 +25,7 @@ static int run_algorithm(hc_exec *x) {
     }
 }
 
-static void run_op(hc_comm *c, hc_op *op) {
+void hc_run_op(hc_comm *c, hc_op *op) {
     if (atomic_load(&c->status) != HC_OK) {
         hc_op_failf(op, HC_ERR_ABORTED, "communicator broken by an earlier error: %s", c->error);
         hc_op_complete(op, HC_ERR_ABORTED, NULL);
@@ -60,16 +61,37 @@ static hc_op *next_collective(hc_comm *c, int *closing) {
 
 void *hc_worker_main(void *arg) {
     hc_comm *c = arg;
+    hc_on_worker = 1;
+    /* Signals belong to the user's threads (Ctrl-C must reach Python). */
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
     for (;;) {
+        pthread_mutex_lock(&c->engine);
         int closing;
         hc_op *op = next_collective(c, &closing);
         if (op) {
-            run_op(c, op);
+            hc_run_op(c, op);
+        } else if (closing) {
+            hc_p2p_fail_all(c, HC_ERR_ABORTED, "the communicator was destroyed while this receive was pending");
+            pthread_mutex_unlock(&c->engine);
+            break;
+        } else if (hc_progress_needs_sockets(c)) {
+            hc_progress_idle(c);
+        } else {
+            /* Nothing to watch: let go of the sockets, so a blocking call can
+             * run on its caller's thread, and sleep until woken. Wake-ups are
+             * cleared only here, holding the engine, and the queue is looked
+             * at again afterwards, so none is lost. */
+            hc_progress_clear_wakeups(c);
+            pthread_mutex_lock(&c->qmu);
+            int more = c->q_head || c->p2p_head || c->closing;
+            pthread_mutex_unlock(&c->qmu);
+            pthread_mutex_unlock(&c->engine);
+            if (!more) hc_progress_sleep(c);
             continue;
         }
-        if (closing) break;
-        hc_progress_idle(c);
+        pthread_mutex_unlock(&c->engine);
     }
-    hc_p2p_fail_all(c, HC_ERR_ABORTED, "the communicator was destroyed while this receive was pending");
     return NULL;
 }
