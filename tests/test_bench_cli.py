@@ -352,8 +352,9 @@ def test_stalled_rank_is_killed_after_timeout(tmp_path):
     t0 = time.monotonic()
     p = bench("--backend", "gloo", "--ops", "allreduce", *TINY, "--timeout", "4",
               pythonpath=[fault_dir(tmp_path, _STALL_RANK1)])
-    assert p.returncode == 3
-    assert "no progress from any rank for 4 s" in p.stderr
+    assert p.returncode == 3, p.stderr
+    # Either gloo's own timeout on rank 0 (first, normally) or the launcher's backstop.
+    assert "rank 0 failed" in p.stderr or "no progress from any rank" in p.stderr, p.stderr
     assert time.monotonic() - t0 < 60
 
 
@@ -429,3 +430,60 @@ def test_hetcomm_codecs_within_tolerance(codec, tmp_path):
     for r in doc["rows"]:
         assert r["wrong"] == 0
         assert r["wire_bytes"] is not None and math.isfinite(r["wire_bytes"])
+
+
+# ---------------------------------------------------------------- launcher seam
+
+
+@pytest.mark.timeout(30)
+def test_netns_seam_uses_the_modules_make_launcher(monkeypatch):
+    import types
+
+    from hetcomm.bench import launcher as L
+
+    with pytest.raises(L.LauncherUnavailable, match="not available yet"):
+        monkeypatch.setitem(sys.modules, L.NETNS_MODULE, None)  # import of it fails as "missing"
+        L.make_launcher(sites=2, wan_rate="1gbit", world_size=2)
+    made = {}
+
+    def make_launcher(*, sites, wan_rate, world_size):
+        made.update(sites=sites, wan_rate=wan_rate, world_size=world_size)
+        return L.LocalLauncher()
+
+    monkeypatch.setitem(sys.modules, L.NETNS_MODULE, types.SimpleNamespace(make_launcher=make_launcher))
+    assert isinstance(L.make_launcher(sites=2, wan_rate="1gbit", world_size=4), L.LocalLauncher)
+    assert made == {"sites": 2, "wan_rate": "1gbit", "world_size": 4}
+    assert isinstance(L.make_launcher(None, None, 2), L.LocalLauncher)
+
+
+@pytest.mark.timeout(120)
+def test_run_world_with_a_custom_launcher():
+    """Another Launcher (as the netns testbed will provide) drives the same ranks."""
+    from hetcomm.bench.collectives import Case
+    from hetcomm.bench.launcher import LocalLauncher, run_world
+    from hetcomm.bench.runner import RankConfig
+
+    class Recording(LocalLauncher):
+        description = "recording"
+
+        def __init__(self):
+            self.spawned = []
+
+        def rank_env(self, rank, world_size):
+            return dict(super().rank_env(rank, world_size), HETCOMM_SITE=f"site{rank}")
+
+        def spawn(self, rank, argv, env):
+            self.spawned.append((rank, env["HETCOMM_SITE"], env["MASTER_ADDR"]))
+            return super().spawn(rank, argv, env)
+
+    cfg = RankConfig(backend="gloo", via="torch", dtype="float32",
+                     cases=[Case("allreduce", 64, 16, 2, 1).to_dict(), Case("alltoall", 64, 16, 2, 1).to_dict()])
+    msgs = []
+    with Recording() as launcher:
+        run_world(launcher, 2, cfg, timeout=60, on_message=msgs.append)
+    assert launcher.spawned == [(0, "site0", "127.0.0.1"), (1, "site1", "127.0.0.1")]
+    rows = [m for m in msgs if m["type"] == "row"]
+    assert sorted((m["op"], m["rank"]) for m in rows) == [("allreduce", 0), ("allreduce", 1),
+                                                          ("alltoall", 0), ("alltoall", 1)]
+    assert all(m["wrong"] == 0 for m in rows)
+    assert {m["rank"] for m in msgs if m["type"] == "ready"} == {0, 1}

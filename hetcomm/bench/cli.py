@@ -6,7 +6,7 @@ collective on stdout (logs go to stderr). See ``hetcomm-bench --help``.
 
 Exit status: 0 all good; 1 some result was wrong or ranks disagreed bit for
 bit; 2 bad arguments or a backend/testbed that cannot run here; 3 a rank
-failed, crashed or stalled (its error is printed); 130 interrupted.
+failed, crashed or stalled (its error is printed); 130 interrupted; 141 stdout closed early.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ log = logging.getLogger("hetcomm.bench.cli")
 BACKENDS = ("hetcomm", "gloo")
 DEFAULT_VIA = {"hetcomm": "numpy", "gloo": "torch"}
 DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE, DEFAULT_STEP_FACTOR = "4", "256M", 4
-EXIT_OK, EXIT_WRONG, EXIT_USAGE, EXIT_RANK_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_WRONG, EXIT_USAGE, EXIT_RANK_FAILED, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
 
 DESCRIPTION = "\n\n".join(textwrap.fill(t, 79) for t in (
     "Collective benchmark in the style of nccl-tests: spawns local ranks, times allreduce, broadcast, "
@@ -51,7 +51,7 @@ examples:
   hetcomm-bench --codec int8 --compare gloo --json out.json
 
 exit status: 0 ok, 1 wrong results, 2 bad arguments or backend unavailable,
-3 a rank failed or stalled, 130 interrupted.
+3 a rank failed or stalled, 130 interrupted, 141 stdout closed early.
 """
 
 
@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip result checking (#wrong shows N/A)")
     r = p.add_argument_group("running")
     r.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds without progress from any rank before all are killed; also each "
-                        "backend's own operation timeout (default: %(default)s)")
+                   help="each backend's own operation/rendezvous timeout in seconds, so a rank that "
+                        "waits on a dead or silent peer fails with the backend's error; as a backstop "
+                        "all ranks are killed when none reports progress for 1.25*TIMEOUT+5 s "
+                        "(default: %(default)s)")
     r.add_argument("--json", metavar="FILE", help="write machine info, arguments and every row as JSON")
     r.add_argument("--sites", type=int, help="WAN testbed: spread ranks over N sites in network namespaces "
                                              "(needs hetcomm.bench.netns; not available yet)")
@@ -201,6 +203,15 @@ def resolve(args: argparse.Namespace) -> Options:
         raise ValueError("no case left to run: every size is smaller than one element "
                          "(per rank, for allgather/reduce_scatter/alltoall)")
     return Options(primary, compare, n, dtype, ops, sizes, cases, notes)
+
+
+def stall_timeout(timeout: float) -> float:
+    """Seconds without any rank's progress before the launcher kills the world.
+
+    Longer than the backends' own ``timeout``, so that their errors (which name
+    the peer) normally come first and this only catches what they miss.
+    """
+    return 1.25 * timeout + 5.0
 
 
 def _setup_logging(verbose: int, quiet: bool) -> str:
@@ -315,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 collector = Collector(opts.world_size, opts.dtype, args.root, run.label, on_row)
                 record["rows_done"] = 0
                 run_world(launcher, opts.world_size, _rank_config(run, opts, args, rank_level),
-                          args.timeout, collector.feed)
+                          stall_timeout(args.timeout), collector.feed)
                 record["ranks"] = [collector.ranks[r] for r in sorted(collector.ranks)]
                 record["rows_done"] = len(collector.rows)
             writer.finish()
@@ -332,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
         if exc.detail:
             print("\n".join("    " + line for line in exc.detail.rstrip().splitlines()), file=sys.stderr)
         rc = EXIT_RANK_FAILED
+    except BrokenPipeError:
+        # stdout went away (e.g. piped into head): stop quietly, ranks are already stopped.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        doc["status"], doc["error"] = "interrupted", "stdout closed"
+        rc = EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         sys.stdout.flush()
         doc["status"], doc["error"] = "interrupted", "interrupted (Ctrl-C); all ranks stopped"

@@ -153,6 +153,7 @@ class _Rank:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         self.eof = False
         self.done = False
+        self.last = "nothing yet"  # what the rank last reported, for error messages
         self.threads = [
             threading.Thread(target=self._read_stdout, args=(events,), daemon=True,
                              name=f"hetcomm-bench-rank{rank}-out"),
@@ -182,6 +183,7 @@ class _Rank:
             log.info("[rank %d] %s", self.rank, line)
 
     def tail(self) -> str:
+        """The last lines the rank wrote to stderr."""
         return "\n".join(self.stderr_tail)
 
 
@@ -281,9 +283,9 @@ def _supervise(ranks: list[_Rank], events: queue.Queue, timeout: float,
                     raise RankFailure(f"rank {r.rank} {_exit_text(r.proc.returncode)} before finishing",
                                       r.rank, r.tail())
             if time.monotonic() - last > timeout:
-                pending = ", ".join(str(r.rank) for r in ranks if not r.done)
-                raise RankFailure(f"no progress from any rank for {timeout:g} s (ranks {pending} still "
-                                  "running); stopped them all (raise --timeout for slow runs)")
+                pending = "; ".join(f"rank {r.rank} last reported {r.last}" for r in ranks if not r.done)
+                raise RankFailure(f"no progress from any rank for {timeout:g} s ({pending}); "
+                                  "stopped them all (raise --timeout for slow runs)")
             continue
         last = time.monotonic()
         r = ranks[rank]
@@ -296,12 +298,20 @@ def _supervise(ranks: list[_Rank], events: queue.Queue, timeout: float,
                     pass
             continue
         mtype = msg.get("type")
+        r.last = _describe(msg)
         if mtype == "done":
             r.done = True
         elif mtype == "error":
             _raise_errors(ranks, events, rank, msg)
         else:
             on_message(msg)
+
+
+def _describe(msg: dict) -> str:
+    """A rank's message in a few words: "ready", "allreduce 1024 B" ..."""
+    if msg.get("type") == "row":
+        return f"{msg.get('op')} {msg.get('size')} B done"
+    return str(msg.get("type"))
 
 
 def _raise_errors(ranks: list[_Rank], events: queue.Queue, rank: int, first: dict) -> None:
@@ -324,6 +334,8 @@ def _raise_errors(ranks: list[_Rank], events: queue.Queue, rank: int, first: dic
     crashed = [r for r in ranks if r.rank not in errors and not r.done and r.proc.poll() not in (None, 0)]
     lines = [f"rank {r.rank} {_exit_text(r.proc.returncode)} before finishing" for r in crashed]
     lines += [f"rank {r} failed: {m.get('error')}" for r, m in errors.items()]
+    lines += [f"rank {r.rank} was still running without an error (last reported {r.last})"
+              for r in ranks if r.rank not in errors and not r.done and r.proc.poll() is None]
     text = lines[0] + ("\n  then " + "\n  then ".join(lines[1:]) if len(lines) > 1 else "")
     if crashed:
         raise RankFailure(text, crashed[0].rank, crashed[0].tail())
