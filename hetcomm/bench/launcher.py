@@ -40,7 +40,7 @@ from .runner import MARKER, WATCH_STDIN_ENV, RankConfig
 
 log = logging.getLogger("hetcomm.bench.launcher")
 
-NETNS_MODULE = "hetcomm.bench.netns"
+NETNS_MODULE = "hetcomm.bench.wan"
 
 
 class LauncherUnavailable(RuntimeError):
