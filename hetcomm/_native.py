@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 
 import zmq
@@ -32,12 +33,29 @@ def _effective_level() -> int:
     return level if level > 0 else logging.WARNING
 
 
+def _apply_env_log_level() -> None:
+    """HETCOMM_LOG_LEVEL=DEBUG|INFO|... sets the "hetcomm" logger's level and,
+    when the program configured no logging, prints hetcomm's records to stderr."""
+    level = os.environ.get("HETCOMM_LOG_LEVEL")
+    if not level:
+        return
+    value = logging.getLevelName(level.upper())
+    if not isinstance(value, int):
+        raise ValueError(f"HETCOMM_LOG_LEVEL={level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)")
+    log.setLevel(value)
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
 def init() -> None:
     """Resolves libzmq and installs the log bridge (idempotent)."""
     global _initialized
     with _init_lock:
         if _initialized:
             return
+        _apply_env_log_level()
         path = _zmq_backend.__file__.encode()
         check(lib.hc_init(path, 0), "hc_init")
         lib.hc_set_logger(lib.hc_python_log, ffi.NULL, _effective_level())
