@@ -264,23 +264,6 @@ def test_bad_arguments_give_clear_errors(args, message):
     assert "hetcomm-bench: error:" in p.stderr and "Traceback" not in p.stderr
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.skipif(importlib.util.find_spec("hetcomm.bench.netns") is not None,
-                    reason="the netns testbed exists now")
-def test_sites_reports_not_available_yet():
-    p = bench("--backend", "gloo", "--sites", "2", "--wan-rate", "1gbit", *TINY)
-    assert p.returncode == 2
-    assert "not available yet" in p.stderr
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.skipif(hetcomm_available(), reason="hetcomm.Communicator exists")
-def test_default_backend_says_hetcomm_is_missing():
-    p = bench(*TINY)
-    assert p.returncode == 2
-    assert "hetcomm" in p.stderr and "--backend gloo" in p.stderr
-
-
 _FAIL_RANK1 = """
 import os
 if os.environ.get("RANK") == "1":
