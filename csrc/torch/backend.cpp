@@ -486,28 +486,31 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allgather_coalesced(
     std::vector<std::vector<at::Tensor>>& outputs,
     std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& opts) {
+  // outputs[r][i] receives rank r's inputs[i].
   TORCH_CHECK(
-      outputs.size() == inputs.size(),
+      static_cast<int>(outputs.size()) == size_,
       "hetcomm: allgather_coalesced: ",
       outputs.size(),
-      " output lists for ",
-      inputs.size(),
-      " inputs");
+      " output lists for a group of ",
+      size_,
+      " ranks");
   std::vector<at::Tensor> result;
-  for (size_t i = 0; i < inputs.size(); i++) {
-    check_tensor(inputs[i], "allgather_coalesced");
+  std::vector<std::vector<at::Tensor>> per_input(inputs.size());
+  for (int r = 0; r < size_; r++) {
     TORCH_CHECK(
-        static_cast<int>(outputs[i].size()) == size_,
+        outputs[r].size() == inputs.size(),
         "hetcomm: allgather_coalesced: output list ",
-        i,
+        r,
         " holds ",
-        outputs[i].size(),
-        " tensors but the group has ",
-        size_,
-        " ranks");
-    for (const auto& o : outputs[i]) {
-      check_like(o, inputs[i], inputs[i].numel(), "allgather_coalesced", "an output tensor");
-      result.push_back(o);
+        outputs[r].size(),
+        " tensors for ",
+        inputs.size(),
+        " inputs");
+    for (size_t i = 0; i < inputs.size(); i++) {
+      check_tensor(inputs[i], "allgather_coalesced");
+      check_like(outputs[r][i], inputs[i], inputs[i].numel(), "allgather_coalesced", "an output tensor");
+      per_input[i].push_back(outputs[r][i]);
+      result.push_back(outputs[r][i]);
     }
   }
   auto work = make_work(
@@ -521,7 +524,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allgather_coalesced(
   std::vector<at::Tensor> hins, flats;
   for (size_t i = 0; i < inputs.size(); i++) {
     hins.push_back(st.in(inputs[i]));
-    flats.push_back(unpack_target(st, *work, outputs[i], inputs[i].numel()));
+    flats.push_back(unpack_target(st, *work, per_input[i], inputs[i].numel()));
   }
   st.wait_inputs();
   int timeout_ms = timeout_for(opts.timeout);

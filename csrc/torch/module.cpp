@@ -80,7 +80,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("timeout_s"),
           py::arg("name"),
           "Takes ownership of a connected hc_comm (closed by shutdown(), abort() or the destructor).")
-      .def_property_readonly("name", &HcBackend::name)
+      .def_property_readonly("comm_name", &HcBackend::name, "The communicator's name (shown in errors).")
       .def_property_readonly("comm_status", &HcBackend::comm_status, "The core's status code (0: healthy).")
       .def_property_readonly("comm_error", &HcBackend::comm_error, "What broke the communicator, if anything.")
       .def_property_readonly("inflight", &HcBackend::inflight, "Core ops issued and not completed yet.")

@@ -68,8 +68,10 @@ def _fingerprint(src: pathlib.Path, files: list[pathlib.Path]) -> str:
     import torch
 
     h = hashlib.sha256()
+    # The source directory is part of the key: torch's builder rebuilds when
+    # the include paths change, so two checkouts must not share a directory.
     h.update(f"torch={torch.__version__};git={getattr(torch.version, 'git_version', '')};"
-             f"py={sys.version_info[:2]};abi={torch._C._GLIBCXX_USE_CXX11_ABI}".encode())
+             f"py={sys.version_info[:2]};abi={torch._C._GLIBCXX_USE_CXX11_ABI};src={src}".encode())
     for f in files:
         h.update(str(f.relative_to(src)).encode())
         h.update(f.read_bytes())
