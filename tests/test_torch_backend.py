@@ -523,3 +523,35 @@ def test_import_registers_lazily() -> None:
     for snippet in (code, reverse):
         out = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=100)
         assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_job(tmp_path: "os.PathLike[str]") -> None:
+    """A script written for gloo/nccl runs under torchrun with only the backend name changed."""
+    from torch_ranks import free_port
+
+    script = os.path.join(str(tmp_path), "train.py")
+    with open(script, "w") as f:
+        f.write(textwrap.dedent("""
+            import os
+            import hetcomm
+            import torch
+            import torch.distributed as dist
+
+            dist.init_process_group("hetcomm")
+            rank, ws = dist.get_rank(), dist.get_world_size()
+            assert rank == int(os.environ["RANK"]) and ws == int(os.environ["WORLD_SIZE"])
+            model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+            model(torch.ones(2, 4) * (rank + 1)).sum().backward()
+            grads = [torch.empty_like(model.module.weight.grad) for _ in range(ws)]
+            dist.all_gather(grads, model.module.weight.grad)
+            assert all(torch.equal(g, grads[0]) for g in grads)
+            dist.destroy_process_group()
+            print(f"rank {rank} ok")
+        """))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script],
+                         env=env, capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
