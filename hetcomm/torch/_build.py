@@ -85,7 +85,6 @@ def load() -> ModuleType:
         if _module is not None:
             return _module
         import torch
-        from torch.utils import cpp_extension
 
         src = source_dir()
         sources = sorted((src / "torch").glob("*.cpp"))
@@ -94,9 +93,18 @@ def load() -> ModuleType:
         version = torch.__version__.replace("+", "_")
         build_dir = cache_root() / f"torch-{version}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
         build_dir.mkdir(parents=True, exist_ok=True)
-        _ensure_ninja()
         name = f"hetcomm_torch_{digest}"
-        log.debug("loading the torch shim %s from %s", name, build_dir)
+        built = build_dir / f"{name}.so"
+        marker = build_dir / "hetcomm-build-ok"
+        if marker.is_file() and built.is_file():
+            # The directory is keyed by the sources, so a finished build there
+            # is the right one: import it without asking ninja (~1 s a rank).
+            _module = _import_built(name, built)
+            return _module
+        from torch.utils import cpp_extension
+
+        _ensure_ninja()
+        log.debug("building/loading the torch shim %s in %s", name, build_dir)
         _module = cpp_extension.load(
             name=name,
             sources=[str(s) for s in sources],
@@ -105,4 +113,17 @@ def load() -> ModuleType:
             build_directory=str(build_dir),
             verbose=log.isEnabledFor(logging.DEBUG),
         )
+        marker.write_text(f"{name}\n")
         return _module
+
+
+def _import_built(name: str, path: pathlib.Path) -> ModuleType:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"hetcomm: cannot load the torch shim from {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
