@@ -85,10 +85,13 @@ if BACKEND is not None:
 class _Recorder(unittest.TextTestResult):
     """Keeps each test's outcome and duration."""
 
+    out_path: str | None = None  # rewritten after every test, so a cut-short run still counts
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.outcomes: dict[str, dict[str, object]] = {}
         self._t0 = 0.0
+        self._start = time.monotonic()
 
     @staticmethod
     def _name(test: unittest.TestCase) -> str:
@@ -101,6 +104,8 @@ class _Recorder(unittest.TextTestResult):
     def _put(self, test: unittest.TestCase, outcome: str, detail: str = "") -> None:
         self.outcomes[self._name(test)] = {"outcome": outcome, "seconds": round(time.monotonic() - self._t0, 2),
                                            "detail": detail[-3000:]}
+        if self.out_path:
+            _write(self.out_path, self.outcomes, time.monotonic() - self._start)
 
     def addSuccess(self, test: unittest.TestCase) -> None:
         super().addSuccess(test)
@@ -127,26 +132,37 @@ class _Recorder(unittest.TextTestResult):
         self._put(test, "xpass")
 
 
+def _write(path: str, outcomes: dict[str, dict[str, object]], seconds: float) -> dict[str, object]:
+    counts: dict[str, int] = {}
+    for o in outcomes.values():
+        counts[str(o["outcome"])] = counts.get(str(o["outcome"]), 0) + 1
+    summary = {"backend": BACKEND, "world_size": int(os.environ["WORLD_SIZE"]), "torch": torch.__version__,
+               "counts": counts, "seconds": round(seconds, 1), "tests": outcomes}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return summary
+
+
 def run(pattern: str | None, exclude: str | None, out: str | None) -> int:
     """Runs the selected tests; returns the number that failed or errored."""
     loader = unittest.TestLoader()
     names = [n for n in loader.getTestCaseNames(TestDistBackendWithSpawn)
              if (pattern is None or re.search(pattern, n)) and (exclude is None or not re.search(exclude, n))]
     suite = unittest.TestSuite(TestDistBackendWithSpawn(n) for n in names)
+    _Recorder.out_path = out
     runner = unittest.TextTestRunner(resultclass=_Recorder, verbosity=2, stream=sys.stdout)
     t0 = time.monotonic()
     result = runner.run(suite)
     outcomes = result.outcomes  # type: ignore[attr-defined]
+    if out:
+        _write(out, outcomes, time.monotonic() - t0)
     counts: dict[str, int] = {}
     for o in outcomes.values():
         counts[str(o["outcome"])] = counts.get(str(o["outcome"]), 0) + 1
-    summary = {"backend": BACKEND, "world_size": int(os.environ["WORLD_SIZE"]), "torch": torch.__version__,
-               "counts": counts,
-               "seconds": round(time.monotonic() - t0, 1), "tests": outcomes}
-    if out:
-        with open(out, "w") as f:
-            json.dump(summary, f, indent=1, sort_keys=True)
-    print(f"{BACKEND} world_size={summary['world_size']}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    print(f"{BACKEND} world_size={os.environ['WORLD_SIZE']}: "
+          + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     return counts.get("failed", 0) + counts.get("error", 0)
 
 

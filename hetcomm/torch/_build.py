@@ -68,14 +68,29 @@ def _fingerprint(src: pathlib.Path, files: list[pathlib.Path]) -> str:
     import torch
 
     h = hashlib.sha256()
-    # The source directory is part of the key: torch's builder rebuilds when
-    # the include paths change, so two checkouts must not share a directory.
     h.update(f"torch={torch.__version__};git={getattr(torch.version, 'git_version', '')};"
-             f"py={sys.version_info[:2]};abi={torch._C._GLIBCXX_USE_CXX11_ABI};src={src}".encode())
+             f"py={sys.version_info[:2]};abi={torch._C._GLIBCXX_USE_CXX11_ABI}".encode())
     for f in files:
         h.update(str(f.relative_to(src)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _stage_sources(src: pathlib.Path, files: list[pathlib.Path], dest: pathlib.Path) -> None:
+    # torch's builder rebuilds whenever the source paths or include flags
+    # change, so the build compiles copies kept inside the (content-keyed)
+    # build directory: every checkout of the same sources shares one build.
+    # Each copy is written aside and renamed, so ranks copying at once never
+    # see a half-written file.
+    for f in files:
+        target = dest / f.relative_to(src)
+        data = f.read_bytes()
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
 
 
 def load() -> ModuleType:
@@ -104,11 +119,13 @@ def load() -> ModuleType:
         from torch.utils import cpp_extension
 
         _ensure_ninja()
-        log.debug("building/loading the torch shim %s in %s", name, build_dir)
+        staged = build_dir / "src"
+        _stage_sources(src, files, staged)
+        log.info("hetcomm: building the torch shim in %s (once per torch version and source change)", build_dir)
         _module = cpp_extension.load(
             name=name,
-            sources=[str(s) for s in sources],
-            extra_include_paths=[str(src), str(src / "torch")],
+            sources=[str(staged / s.relative_to(src)) for s in sources],
+            extra_include_paths=[str(staged), str(staged / "torch")],
             extra_cflags=["-O2", "-fvisibility=hidden"],
             build_directory=str(build_dir),
             verbose=log.isEnabledFor(logging.DEBUG),
