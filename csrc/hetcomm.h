@@ -350,6 +350,8 @@ typedef struct hc_api {
     int (*op_source)(const hc_op *);
     void (*op_release)(hc_op *);
     void (*call_opts_init)(hc_call_opts *);
+    /* Appended for the torch shim, which owns the communicator it is handed. */
+    int (*comm_destroy)(hc_comm *);
 } hc_api;
 
 const hc_api *hc_get_api(void);

@@ -29,3 +29,9 @@ def get_library_dir() -> str:
 __all__ = ["get_include", "get_library_dir", "Communicator", "ReduceOp", "Work", "Options", "HetcommError", "CommTimeoutError",
            "PeerLostError", "MismatchError", "ProtocolError", "AbortedError", "AuthError"]
 __version__ = "0.1.0"
+
+# Registers the "hetcomm" torch.distributed backend once torch.distributed is
+# imported; imports nothing from torch by itself.
+from hetcomm.torch import _hook as _torch_hook  # noqa: E402
+
+_torch_hook.install()

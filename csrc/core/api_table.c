@@ -31,6 +31,7 @@ static const hc_api api = {
     .op_source = hc_op_source,
     .op_release = hc_op_release,
     .call_opts_init = hc_call_opts_init,
+    .comm_destroy = hc_comm_destroy,
 };
 
 const hc_api *hc_get_api(void) { return &api; }

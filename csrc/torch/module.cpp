@@ -1,0 +1,93 @@
+/*
+ * Python binding of the shim: one class, made from the addresses of the
+ * core's function table and of a connected communicator (both handed over by
+ * hetcomm/torch/backend.py), plus the exit hook.
+ */
+#include <torch/python.h>
+
+#include "hetcomm_torch.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+// Holder that releases the GIL while the backend is destroyed (closing the
+// communicator waits for its worker thread), as torch's own backends do.
+template <typename T>
+class NoGilHolder {
+  c10::intrusive_ptr<T> impl_{};
+
+ public:
+  NoGilHolder() = default;
+  NoGilHolder(const NoGilHolder&) = default;
+  NoGilHolder(NoGilHolder&&) noexcept = default;
+  NoGilHolder& operator=(const NoGilHolder&) = default;
+  NoGilHolder& operator=(NoGilHolder&&) noexcept = default;
+  /* implicit */ NoGilHolder(c10::intrusive_ptr<T> impl) : impl_(std::move(impl)) {}
+  explicit NoGilHolder(T* impl) : impl_(c10::intrusive_ptr<T>::unsafe_steal_from_new(impl)) {}
+  ~NoGilHolder() {
+    if (impl_) {
+      if (PyGILState_Check()) {
+        py::gil_scoped_release release;
+        impl_.reset();
+      } else {
+        impl_.reset();
+      }
+    }
+  }
+  T& operator*() const noexcept {
+    return *impl_;
+  }
+  T* operator->() const noexcept {
+    return impl_.get();
+  }
+  [[nodiscard]] T* get() const noexcept {
+    return impl_.get();
+  }
+  void reset() noexcept {
+    impl_.reset();
+  }
+  operator bool() const noexcept {
+    return impl_;
+  }
+};
+
+} // namespace
+
+PYBIND11_DECLARE_HOLDER_TYPE(T, NoGilHolder<T>, true)
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using hetcomm_torch::HcBackend;
+  m.doc() = "hetcomm's c10d backend (built against the installed torch)";
+  py::module_::import("torch.distributed");
+  auto base = py::module_::import("torch._C._distributed_c10d").attr("Backend");
+  py::class_<HcBackend, NoGilHolder<HcBackend>>(m, "HetcommBackend", base)
+      .def(
+          py::init([](uintptr_t api, uintptr_t comm, int rank, int size, double timeout_s, std::string name) {
+            auto ms = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0));
+            return NoGilHolder<HcBackend>(HcBackend::create(
+                reinterpret_cast<const hc_api*>(api),
+                reinterpret_cast<hc_comm*>(comm),
+                rank,
+                size,
+                ms,
+                std::move(name)));
+          }),
+          py::arg("api"),
+          py::arg("comm"),
+          py::arg("rank"),
+          py::arg("size"),
+          py::arg("timeout_s"),
+          py::arg("name"),
+          "Takes ownership of a connected hc_comm (closed by shutdown(), abort() or the destructor).")
+      .def_property_readonly("comm_name", &HcBackend::name, "The communicator's name (shown in errors).")
+      .def_property_readonly("comm_status", &HcBackend::comm_status, "The core's status code (0: healthy).")
+      .def_property_readonly("comm_error", &HcBackend::comm_error, "What broke the communicator, if anything.")
+      .def_property_readonly("inflight", &HcBackend::inflight, "Core ops issued and not completed yet.")
+      .def_property_readonly("timeout", &HcBackend::timeout);
+  m.def(
+      "shutdown_all",
+      &HcBackend::shutdown_all,
+      py::call_guard<py::gil_scoped_release>(),
+      "Closes every live backend (aborting those with ops in flight).");
+}

@@ -1,0 +1,21 @@
+"""``ProcessGroupOptions``: hetcomm settings for one torch process group (no torch import)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hetcomm.config import Options
+
+
+@dataclass
+class ProcessGroupOptions(Options):
+    """Settings of a hetcomm process group, passed as ``pg_options``.
+
+    Every field of :class:`hetcomm.Options` applies (site, codec, streams,
+    chunk_bytes, ...); fields left ``None`` take their ``HETCOMM_*``
+    environment variable, then the default. ``timeout`` left ``None`` takes
+    the ``timeout=`` given to ``init_process_group``/``new_group``.
+
+    Example::
+
+        dist.init_process_group("hetcomm", pg_options=ProcessGroupOptions(site="dc-a", codec="int8"))
+    """

@@ -1,0 +1,93 @@
+"""Helpers for the torch backend tests: run a function on N real processes.
+
+Each rank is a fresh spawned process (as torchrun would give), talking over
+loopback. A rank's return value comes back to the test; an exception in any
+rank fails the test with that rank's traceback; a rank that never finishes
+fails it too (the pytest-timeout on each test is the outer bound).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import tempfile
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn: Callable[..., Any], rank: int, world_size: int, env: dict[str, str], args: tuple,
+           queue: Any) -> None:
+    os.environ.update(env)
+    os.environ["RANK"] = str(rank)
+    os.environ["LOCAL_RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = str(world_size)
+    try:
+        import hetcomm  # noqa: F401  registers the backend, as a user's `import hetcomm` does
+
+        result = fn(rank, world_size, *args)
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, env: dict[str, str] | None = None,
+              timeout: float = 240.0) -> list[Any]:
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` processes; returns the results by rank.
+
+    MASTER_ADDR/MASTER_PORT are set (env:// works); ``env`` adds variables.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "HETCOMM_TORCH_BUILD_DIR": os.environ.get("HETCOMM_TORCH_BUILD_DIR", ""),
+            "OMP_NUM_THREADS": "1"}
+    base = {k: v for k, v in base.items() if v}
+    base.update(env or {})
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, base, args, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, ok, value = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank} failed:\n{value}")
+    except Exception as exc:  # queue.Empty: some rank hung or died
+        missing = sorted(set(range(world_size)) - set(results))
+        errors.append(f"ranks {missing} did not report within {timeout} s ({type(exc).__name__})")
+    finally:
+        for p in procs:
+            p.join(timeout=20)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+def temp_file() -> str:
+    """A fresh path for a FileStore / file:// init (the file must not exist yet)."""
+    fd, path = tempfile.mkstemp(prefix="hetcomm-test-")
+    os.close(fd)
+    os.unlink(path)
+    return path
