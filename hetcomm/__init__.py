@@ -19,6 +19,15 @@ def get_include() -> str:
     raise FileNotFoundError("hetcomm.h is not installed with this copy of hetcomm")
 
 
+def ddp_hook(codec: str = "int8", error_feedback: bool = True, stochastic_rounding: bool = False,
+             seed: int = 0x5EED):
+    """A DDP comm hook averaging gradients with a compressed hetcomm allreduce
+    (see hetcomm.torch.hooks.ddp_hook); needs torch and a "hetcomm" group."""
+    from hetcomm.torch.hooks import ddp_hook as make
+
+    return make(codec, error_feedback, stochastic_rounding, seed)
+
+
 def get_library_dir() -> str:
     """Directory holding libhetcomm.so (link with -L<dir> -lhetcomm)."""
     import os
@@ -26,7 +35,7 @@ def get_library_dir() -> str:
     return os.path.join(os.path.dirname(__file__), "lib")
 
 
-__all__ = ["get_include", "get_library_dir", "Communicator", "ReduceOp", "Work", "Options", "HetcommError", "CommTimeoutError",
+__all__ = ["ddp_hook", "get_include", "get_library_dir", "Communicator", "ReduceOp", "Work", "Options", "HetcommError", "CommTimeoutError",
            "PeerLostError", "MismatchError", "ProtocolError", "AbortedError", "AuthError"]
 __version__ = "0.1.0"
 

@@ -363,6 +363,32 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allreduce(
   return launched(work);
 }
 
+c10::intrusive_ptr<c10d::Work> HcBackend::allreduce_compressed(
+    at::Tensor& tensor,
+    int codec,
+    uint64_t residual_key,
+    uint64_t sr_seed,
+    int redop) {
+  TORCH_CHECK(codec >= 0 && codec < HC_CODEC_COUNT, "hetcomm: allreduce_compressed: codec ", codec, " is not an hc_codec");
+  TORCH_CHECK(redop == HC_SUM || redop == HC_AVG, "hetcomm: allreduce_compressed: only sum and avg are compressed");
+  std::vector<at::Tensor> tensors{tensor};
+  check_tensor(tensor, "allreduce_compressed");
+  Wire w = wire_for_reduce(tensor.scalar_type(), redop, "allreduce_compressed");
+  auto work = make_work(c10d::OpType::ALLREDUCE, "hetcomm:all_reduce_compressed", tensors, tensors, true,
+                        "allreduce_compressed");
+  Staging st(*work);
+  at::Tensor h = st.inout(tensor);
+  st.wait_inputs();
+  submit(*work, timeout_ms_.load(), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+    hc_call_opts with = *o;
+    with.codec = codec;
+    with.residual_key = residual_key;
+    with.sr_seed = sr_seed;
+    return api_->allreduce(c, ptr(h), ptr(h), count(h, w), w.dtype, redop, &with, op);
+  });
+  return launched(work);
+}
+
 c10::intrusive_ptr<c10d::Work> HcBackend::allreduce_coalesced(
     std::vector<at::Tensor>& tensors,
     const c10d::AllreduceCoalescedOptions& opts) {

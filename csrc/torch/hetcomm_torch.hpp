@@ -228,6 +228,14 @@ class HcBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(
       std::vector<at::Tensor>& tensors,
       const c10d::AllreduceCoalescedOptions& opts) override;
+  // Not a c10d call: allreduce with hetcomm's per-call codec, error-feedback
+  // residual (key != 0) and stochastic-rounding seed (!= 0); for DDP hooks.
+  c10::intrusive_ptr<c10d::Work> allreduce_compressed(
+      at::Tensor& tensor,
+      int codec,
+      uint64_t residual_key,
+      uint64_t sr_seed,
+      int redop);
   c10::intrusive_ptr<c10d::Work> reduce(
       std::vector<at::Tensor>& tensors,
       const c10d::ReduceOptions& opts) override;

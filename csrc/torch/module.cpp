@@ -84,7 +84,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("comm_status", &HcBackend::comm_status, "The core's status code (0: healthy).")
       .def_property_readonly("comm_error", &HcBackend::comm_error, "What broke the communicator, if anything.")
       .def_property_readonly("inflight", &HcBackend::inflight, "Core ops issued and not completed yet.")
-      .def_property_readonly("timeout", &HcBackend::timeout);
+      .def_property_readonly("timeout", &HcBackend::timeout)
+      .def(
+          "allreduce_compressed",
+          &HcBackend::allreduce_compressed,
+          py::arg("tensor"),
+          py::arg("codec"),
+          py::arg("residual_key") = 0,
+          py::arg("sr_seed") = 0,
+          py::arg("redop") = static_cast<int>(HC_SUM),
+          py::call_guard<py::gil_scoped_release>(),
+          "Allreduce with a codec (hetcomm.config.CODECS index), error feedback under residual_key (0: off) "
+          "and stochastic rounding seeded by sr_seed (0: off). Returns a c10d Work.");
   m.def(
       "shutdown_all",
       &HcBackend::shutdown_all,
