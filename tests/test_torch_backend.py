@@ -519,8 +519,11 @@ def test_import_registers_lazily() -> None:
         print("ok")
     """)
     reverse = "import torch.distributed as dist\nimport hetcomm\nassert 'hetcomm' in dist.Backend.backend_list\nprint('ok')"
+    # Looking torch up without importing it (as tools do) must not spend the hook.
+    probe = ("import importlib.util, hetcomm\nassert importlib.util.find_spec('torch')\n"
+             "import torch.distributed as dist\nassert 'hetcomm' in dist.Backend.backend_list\nprint('ok')")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for snippet in (code, reverse):
+    for snippet in (code, reverse, probe):
         out = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=100)
         assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 

@@ -43,6 +43,7 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._inner.exec_module(module)
+        uninstall()
         _register_quietly()
 
     def __getattr__(self, name: str) -> Any:
@@ -50,17 +51,24 @@ class _Loader(importlib.abc.Loader):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    # Stays installed until torch is actually executed: importlib.util.find_spec
+    # ("torch") also calls finders, without importing anything.
+    _searching = False
+
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != _TARGET:
+        if fullname != _TARGET or self._searching:
             return None
-        uninstall()  # once is enough; also keeps the lookup below from recursing
-        for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _Loader(spec.loader)
-                return spec
+        self._searching = True  # the lookup below goes through sys.meta_path, this finder too
+        try:
+            for finder in sys.meta_path:
+                spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _Loader(spec.loader)
+                    return spec
+        finally:
+            self._searching = False
         return None
 
 
