@@ -228,16 +228,18 @@ def _p2p_and_groups(rank: int, ws: int) -> str:
     s.wait()
     r.wait()
     assert torch.equal(got, torch.arange(4) * left)
-    # Receive from any source reports the sender.
+    # Receive from any source reports the sender. (Its own tag: an any-source
+    # receive may match any rank's next message with the same tag, and the
+    # senders go straight on to the batch below.)
     if rank == 0:
         senders = set()
         for _ in range(ws - 1):
             t = torch.empty(1)
-            senders.add(dist.recv(t))
+            senders.add(dist.recv(t, tag=3))
             assert t.item() == 10.0
         assert senders == set(range(1, ws))
     else:
-        dist.send(torch.tensor([10.0]), 0)
+        dist.send(torch.tensor([10.0]), 0, tag=3)
     # batch_isend_irecv.
     got = torch.empty(2)
     reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.full((2,), float(rank)), right),

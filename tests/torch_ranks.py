@@ -27,6 +27,10 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, env: dict[str, st
     os.environ["RANK"] = str(rank)
     os.environ["LOCAL_RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
+    # A rank still running shortly before the parent gives up prints where it is.
+    import faulthandler
+
+    faulthandler.dump_traceback_later(float(env.get("HETCOMM_TEST_DUMP_AFTER", "0")) or 1e9, exit=False)
     try:
         import hetcomm  # noqa: F401  registers the backend, as a user's `import hetcomm` does
 
@@ -57,6 +61,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, env: dict[str
             "OMP_NUM_THREADS": "1"}
     base = {k: v for k, v in base.items() if v}
     base.update(env or {})
+    base.setdefault("HETCOMM_TEST_DUMP_AFTER", str(max(timeout - 15, 5)))
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, base, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:
