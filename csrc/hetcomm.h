@@ -175,8 +175,8 @@ typedef struct hc_config {
     size_t shm_bytes;          /* size of each lane (one per peer and direction) */
 } hc_config;
 
-/* Fills defaults: one stream, 512 KiB chunks, 64 KiB small threshold, 300 s
- * timeout, no codec, no CURVE, 8 MiB shared-memory lanes to peers on the
+/* Fills defaults: one stream, 2 MiB chunks, 64 KiB small threshold, 300 s
+ * timeout, no codec, no CURVE, 16 MiB shared-memory lanes to peers on the
  * same host (their `host` equal to ours) and site. rank and size are -1. */
 void hc_config_init(hc_config *cfg);
 

@@ -131,7 +131,7 @@ class Options:
         o.ifname = o.ifname or env_str("HETCOMM_IFNAME")
         o.transport = (o.transport or env_str("HETCOMM_TRANSPORT", "auto")).lower()
         o.streams = o.streams if o.streams is not None else env_int("HETCOMM_STREAMS", 4)
-        o.chunk_bytes = parse_size(o.chunk_bytes) if o.chunk_bytes is not None else env_int("HETCOMM_CHUNK_BYTES", 512 << 10)
+        o.chunk_bytes = parse_size(o.chunk_bytes) if o.chunk_bytes is not None else env_int("HETCOMM_CHUNK_BYTES", 2 << 20)
         o.small_bytes = parse_size(o.small_bytes) if o.small_bytes is not None else env_int("HETCOMM_SMALL_BYTES", 64 << 10)
         o.algo = (o.algo or env_str("HETCOMM_ALGO", "auto")).lower()
         o.codec = (o.codec or env_str("HETCOMM_CODEC", "none")).lower()
@@ -147,7 +147,7 @@ class Options:
             o.socket_buffer = bdp_buffer(o.wan_bandwidth, o.wan_rtt, o.streams)
         if o.shm is None:
             o.shm = env_bool("HETCOMM_SHM", True)
-        o.shm_bytes = parse_size(o.shm_bytes) if o.shm_bytes is not None else env_int("HETCOMM_SHM_BYTES", 8 << 20)
+        o.shm_bytes = parse_size(o.shm_bytes) if o.shm_bytes is not None else env_int("HETCOMM_SHM_BYTES", 16 << 20)
         o.curve_secret = o.curve_secret or env_str("HETCOMM_CURVE_SECRET")
         o.curve_allow = o.curve_allow or env_str("HETCOMM_CURVE_ALLOW")
         if o.curve is None:

@@ -26,7 +26,12 @@ void hc_ring_init(hc_exec *x, hc_ring *g, const int *members, int n, size_t coun
     g->es = esize;
     g->count = count;
     g->block = block;
-    size_t ce = c->cfg.chunk_bytes / esize;
+    /* Pieces of chunk_bytes at most, but at least a few per segment so that
+     * medium messages still pipeline (not below 256 KiB: each piece costs a
+     * message and, often, a thread wake-up). */
+    size_t ce = c->cfg.chunk_bytes / esize, seg = count / (size_t)n, floor_ce = (256u << 10) / esize;
+    if (seg / 4 < ce) ce = seg / 4 > floor_ce ? seg / 4 : floor_ce;
+    if (ce > c->cfg.chunk_bytes / esize) ce = c->cfg.chunk_bytes / esize;
     g->ce = ce ? ce : 1;
 }
 

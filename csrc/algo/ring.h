@@ -53,7 +53,12 @@ int hc_ring_allreduce(hc_exec *x, const hc_ring *g, const void *in, void *out, i
  * so all end bit-identical. `residual` (count floats, or NULL) is this
  * rank's error feedback for the elements it quantizes. */
 int hc_ring_allreduce_codec(hc_exec *x, const hc_ring *g, const float *in, float *out, int divide_by,
-                            float *residual);
+                            float *residual, int keep_encoded);
+/* With keep_encoded, afterwards: the encoded bytes every member decoded for
+ * piece `piece` of segment `seg` (valid until the op ends). */
+const uint8_t *hc_ring_codec_piece(hc_exec *x, const hc_ring *g, int seg, size_t piece, size_t *bytes);
+/* Decodes a received encoded piece of `len` elements into dst (checks its size). */
+int hc_ring_codec_decode_piece(hc_exec *x, const hc_ring *g, const hc_msg *m, size_t len, float *dst);
 /* Compressed reduce-scatter: the owned segment, in fp32, lands in `last`. */
 int hc_ring_reduce_scatter_codec(hc_exec *x, const hc_ring *g, const float *in, float *last, int divide_by,
                                  float *residual);

@@ -29,7 +29,8 @@ typedef struct codec_ctx {
     float *tmp;        /* one piece of fp32, for hops with error feedback */
 } codec_ctx;
 
-static int setup(hc_exec *x, const hc_ring *g, codec_ctx *k) {
+/* The op's codec and its parameters; no buffers. */
+static void codec_params(hc_exec *x, codec_ctx *k) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
     k->codec = op->codec;
@@ -39,6 +40,12 @@ static int setup(hc_exec *x, const hc_ring *g, codec_ctx *k) {
     /* Distinct random streams per rank: equal seeds would round the same
      * element the same way on every rank. */
     k->p.sr_seed = op->opts.sr_seed ? op->opts.sr_seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(c->rank + 1)) : 0;
+}
+
+static int setup(hc_exec *x, const hc_ring *g, codec_ctx *k) {
+    hc_comm *c = x->comm;
+    hc_op *op = x->op;
+    codec_params(x, k);
     k->enc_max = hc_codec_encoded_size(k->codec, g->ce, &k->p);
     size_t slots = 0;
     for (int s = 0; s < g->n; s++) slots += hc_ring_pieces(g, s);
@@ -137,7 +144,7 @@ static int reduce_scatter(hc_exec *x, const hc_ring *g, codec_ctx *k, const floa
 /* The allgather phase: decode each arriving piece into `out` and pass the
  * same bytes on. Slots reused here were sent in the reduce-scatter, so the
  * caller waits for those sends first. */
-static int allgather(hc_exec *x, const hc_ring *g, codec_ctx *k, float *out) {
+static int allgather(hc_exec *x, const hc_ring *g, codec_ctx *k, float *out, int keep_encoded) {
     int n = g->n;
     for (int s = 0; s < n - 1; s++) {
         int seg = hc_mod(g->pos - s, n);
@@ -149,7 +156,7 @@ static int allgather(hc_exec *x, const hc_ring *g, codec_ctx *k, float *out) {
             int rc = hc_ring_recv(x, g, bytes, &m);
             if (rc != HC_OK) return rc;
             uint8_t *enc = slot(k, seg, i);
-            if (s < n - 2) memcpy(enc, m->data, bytes);
+            if (s < n - 2 || keep_encoded) memcpy(enc, m->data, bytes);
             rc = hc_codec_decode(k->codec, m->data, len, (float *)((char *)out + hc_ring_at(g, seg, off)), &k->p);
             hc_xrelease(x, m);
             if (rc != HC_OK) return hc_xfail(x, rc, "%s", hc_last_error());
@@ -160,7 +167,7 @@ static int allgather(hc_exec *x, const hc_ring *g, codec_ctx *k, float *out) {
 }
 
 int hc_ring_allreduce_codec(hc_exec *x, const hc_ring *g, const float *in, float *out, int divide_by,
-                            float *residual) {
+                            float *residual, int keep_encoded) {
     if (g->n == 1) {
         if (in != out && g->count) memcpy(out, in, g->count * sizeof(float));
         if (divide_by > 1) hc_divide_kernel(out, g->count, HC_FLOAT32, divide_by);
@@ -172,7 +179,28 @@ int hc_ring_allreduce_codec(hc_exec *x, const hc_ring *g, const float *in, float
     if (rc == HC_OK)
         rc = reduce_scatter(x, g, &k, in, out + hc_ring_seg_lo(g, own), divide_by, residual, 1);
     if (rc == HC_OK) rc = hc_xsend_wait(x, 0);
-    if (rc == HC_OK) rc = allgather(x, g, &k, out);
+    if (rc == HC_OK) rc = allgather(x, g, &k, out, keep_encoded);
+    return rc;
+}
+
+const uint8_t *hc_ring_codec_piece(hc_exec *x, const hc_ring *g, int seg, size_t piece, size_t *bytes) {
+    codec_ctx k;
+    if (setup(x, g, &k) != HC_OK) return NULL;
+    size_t off, len;
+    hc_ring_piece(g, seg, piece, &off, &len);
+    *bytes = enc_size(&k, len);
+    return slot(&k, seg, piece);
+}
+
+int hc_ring_codec_decode_piece(hc_exec *x, const hc_ring *g, const hc_msg *m, size_t len, float *dst) {
+    codec_ctx k;
+    codec_params(x, &k); /* not setup(): the arena holds pieces still being sent */
+    int rc = HC_OK;
+    if (m->len != enc_size(&k, len))
+        return hc_xfail(x, HC_ERR_MISMATCH, "rank %d got an encoded piece of %zu bytes, expected %zu",
+                        x->comm->rank, m->len, enc_size(&k, len));
+    if (rc == HC_OK && (rc = hc_codec_decode(k.codec, m->data, len, dst, &k.p)) != HC_OK)
+        return hc_xfail(x, rc, "%s", hc_last_error());
     return rc;
 }
 
@@ -200,5 +228,5 @@ int hc_ring_allgather_codec(hc_exec *x, const hc_ring *g, float *out, float *res
         if (rc == HC_OK) rc = hc_xsend(x, g->next, enc, enc_size(&k, len));
     }
     x->tx_group = 0;
-    return rc == HC_OK ? allgather(x, g, &k, out) : rc;
+    return rc == HC_OK ? allgather(x, g, &k, out, 0) : rc;
 }

@@ -51,7 +51,7 @@ void hc_config_init(hc_config *cfg) {
     cfg->host = "";
     cfg->timeout_ms = 300000;
     cfg->streams = 1;
-    cfg->chunk_bytes = 512 * 1024;
+    cfg->chunk_bytes = 2u << 20;
     cfg->small_bytes = 64 * 1024;
     cfg->algo = HC_ALGO_AUTO;
     cfg->codec = HC_CODEC_NONE;
@@ -59,7 +59,7 @@ void hc_config_init(hc_config *cfg) {
     cfg->codec_block = 256;
     cfg->codec_scale_fp32 = 1;
     cfg->shm_enable = 1;
-    cfg->shm_bytes = 8u << 20;
+    cfg->shm_bytes = 16u << 20;
 }
 
 void hc_call_opts_init(hc_call_opts *opts) {
