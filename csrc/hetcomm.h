@@ -279,6 +279,10 @@ int hc_op_source(const hc_op *op);
 uint64_t hc_op_seq(const hc_op *op);
 /* Drops the caller's reference; the op itself runs to completion. */
 void hc_op_release(hc_op *op);
+/* Runs the queued collectives on the calling thread if the communicator's
+ * worker is idle (saves two thread hand-offs when an async op is waited for
+ * right away); returns how many ran. Never call it from an hc_done_fn. */
+int hc_comm_progress(hc_comm *comm);
 
 /* ---- kernels (pure functions over buffers; also used by the collectives) ---- */
 
@@ -352,6 +356,7 @@ typedef struct hc_api {
     void (*call_opts_init)(hc_call_opts *);
     /* Appended for the torch shim, which owns the communicator it is handed. */
     int (*comm_destroy)(hc_comm *);
+    int (*comm_progress)(hc_comm *);
 } hc_api;
 
 const hc_api *hc_get_api(void);

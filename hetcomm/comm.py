@@ -139,6 +139,11 @@ class Work:
         """
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         remaining_ms = None if seconds is None else int(seconds * 1000)
+        handle = self._comm._handle
+        if not self._done and seconds is None and handle != ffi.NULL:
+            # Run it here if the worker is idle (not with a deadline: an op
+            # running inline cannot stop at it).
+            lib.hc_comm_progress(handle)
         with self._lock:
             while not self._done:
                 slice_ms = _WAIT_SLICE_MS if remaining_ms is None else min(_WAIT_SLICE_MS, remaining_ms)

@@ -100,6 +100,30 @@ static int run_inline(hc_comm *c, hc_op *op) {
     return 1;
 }
 
+int hc_comm_progress(hc_comm *c) {
+    if (!c || !c->connected || hc_on_worker || pthread_mutex_trylock(&c->engine) != 0) return 0;
+    int ran = 0;
+    for (;;) {
+        pthread_mutex_lock(&c->qmu);
+        hc_op *op = c->q_head;
+        if (op) {
+            c->q_head = op->next;
+            if (!c->q_head) c->q_tail = NULL;
+            op->next = NULL;
+        }
+        pthread_mutex_unlock(&c->qmu);
+        if (!op) break;
+        hc_run_op(c, op);
+        ran++;
+    }
+    pthread_mutex_lock(&c->qmu);
+    int pending = c->p2p_head != NULL;
+    pthread_mutex_unlock(&c->qmu);
+    if (pending || c->recv_pending_head) wake(c);
+    pthread_mutex_unlock(&c->engine);
+    return ran;
+}
+
 static int submit(hc_comm *c, hc_op *op, hc_op **op_out) {
     int p2p = op->kind == HC_OP_SEND || op->kind == HC_OP_RECV;
     if (!op_out && !p2p && run_inline(c, op)) {

@@ -32,6 +32,7 @@ static const hc_api api = {
     .op_release = hc_op_release,
     .call_opts_init = hc_call_opts_init,
     .comm_destroy = hc_comm_destroy,
+    .comm_progress = hc_comm_progress,
 };
 
 const hc_api *hc_get_api(void) { return &api; }

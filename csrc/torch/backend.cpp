@@ -280,7 +280,7 @@ c10::intrusive_ptr<HcWork> HcBackend::make_work(
     bool collective,
     const char* what) {
   uint64_t seq = collective ? ++seq_ : seq_.load();
-  return c10::make_intrusive<HcWork>(
+  auto work = c10::make_intrusive<HcWork>(
       rank_,
       type,
       title,
@@ -289,6 +289,21 @@ c10::intrusive_ptr<HcWork> HcBackend::make_work(
       inflight_,
       seq,
       what);
+  c10::weak_intrusive_ptr<HcBackend> self(c10::intrusive_ptr<HcBackend>::reclaim_copy(this));
+  work->set_helper([self]() {
+    if (auto backend = self.lock())
+      backend->help_progress();
+  });
+  return work;
+}
+
+void HcBackend::help_progress() {
+  if (t_in_core_callback)
+    return;
+  std::shared_lock<std::shared_mutex> lock(comm_mu_);
+  if (comm_ && api_->struct_size >= offsetof(hc_api, comm_progress) + sizeof(api_->comm_progress) &&
+      api_->comm_progress)
+    api_->comm_progress(comm_);
 }
 
 template <typename F>

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <chrono>
 #include <memory>
 #include <mutex>
@@ -99,6 +100,9 @@ class HcWork : public c10d::Work {
   void issued();
   // Number of core ops/children issued so far.
   int issued_count() const { return issued_count_; }
+  // Called by wait() before blocking: lets the waiting thread run the queued
+  // ops itself when the core's worker is idle (saves two thread hand-offs).
+  void set_helper(std::function<void()> help) { help_ = std::move(help); }
 
   // The core's completion callback (runs on the communicator's worker thread).
   static void on_done(hc_op* op, int status, void* user);
@@ -130,6 +134,7 @@ class HcWork : public c10d::Work {
   void complete();
   DeviceSync& sync_for(const c10::Device& device);
 
+  std::function<void()> help_;
   std::vector<at::Tensor> result_;
   std::vector<at::Tensor> keep_;         // released at completion
   std::vector<at::Tensor> keep_staging_;  // host sources of device copies: released with the Work
@@ -344,6 +349,7 @@ class HcBackend : public c10d::Backend {
   // Finishes issuing: coalescing bookkeeping, returns the Work.
   c10::intrusive_ptr<c10d::Work> launched(const c10::intrusive_ptr<HcWork>& w);
   void check_root(int64_t root, const char* what) const;
+  void help_progress();
   void close(bool abort_first);
 
   const hc_api* api_;

@@ -234,6 +234,10 @@ void HcWork::synchronize() {
 }
 
 bool HcWork::wait(std::chrono::milliseconds timeout) {
+  // Only an unbounded wait may run ops inline: an inline op cannot stop at
+  // the caller's deadline.
+  if (help_ && timeout == kNoTimeout && !isCompleted())
+    help_();
   {
     std::unique_lock<std::mutex> lock(mutex_);
     if (timeout == kNoTimeout) {
