@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
+
+from .topology import site_of_host
 
 CODECS = ("none", "fp16", "bf16", "int8", "int4", "1bit")
 ALGOS = ("auto", "ring", "rd", "tree", "hier")
@@ -99,6 +102,7 @@ class Options:
 
     timeout: float | None = None          # seconds, every blocking wait (HETCOMM_TIMEOUT)
     site: str | None = None               # data-centre label (HETCOMM_SITE)
+    topology: str | None = None           # file of "HOST_PATTERN SITE" lines, for an unset site (HETCOMM_TOPOLOGY)
     host: str | None = None               # host name (HETCOMM_HOST, default gethostname())
     bind_address: str | None = None       # "tcp://10.0.0.5" or "tcp://..;ipc://dir" (HETCOMM_BIND_ADDR)
     ifname: str | None = None             # network interface to bind (HETCOMM_IFNAME)
@@ -125,8 +129,11 @@ class Options:
         """A copy with every ``None`` replaced by the environment or the default."""
         o = dataclasses.replace(self)
         o.timeout = o.timeout if o.timeout is not None else env_float("HETCOMM_TIMEOUT", 300.0)
-        o.site = o.site if o.site is not None else env_str("HETCOMM_SITE", "")
         o.host = o.host if o.host is not None else env_str("HETCOMM_HOST")
+        o.topology = o.topology or env_str("HETCOMM_TOPOLOGY")
+        o.site = o.site if o.site is not None else env_str("HETCOMM_SITE")
+        if o.site is None:
+            o.site = site_of_host(o.topology, o.host or socket.gethostname()) if o.topology else ""
         o.bind_address = o.bind_address or env_str("HETCOMM_BIND_ADDR")
         o.ifname = o.ifname or env_str("HETCOMM_IFNAME")
         o.transport = (o.transport or env_str("HETCOMM_TRANSPORT", "auto")).lower()

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from harness import RankError, run_ranks
+from harness import run_ranks
 
 
 def _never_joins(rank: int, size: int) -> float:

@@ -475,6 +475,13 @@ c10::intrusive_ptr<c10d::Work> HcBackend::reduce(
   return launched(work);
 }
 
+void HcBackend::submit_allgather(HcWork& work, int timeout_ms, const at::Tensor& hin, const at::Tensor& hout) {
+  Wire w = wire_for_copy(hin.scalar_type());
+  submit(work, timeout_ms, [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+    return api_->allgather(c, ptr(hin), ptr(hout), count(hin, w), w.dtype, o, op);
+  });
+}
+
 c10::intrusive_ptr<c10d::Work> HcBackend::allgather(
     std::vector<std::vector<at::Tensor>>& outputs,
     std::vector<at::Tensor>& inputs,
@@ -491,15 +498,12 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allgather(
       " ranks");
   for (const auto& o : outs)
     check_like(o, in, in.numel(), "allgather", "an output tensor");
-  Wire w = wire_for_copy(in.scalar_type());
   auto work = make_work(c10d::OpType::ALLGATHER, "hetcomm:all_gather", inputs, outs, true, "allgather");
   Staging st(*work);
   at::Tensor hin = st.in(in);
   at::Tensor flat = unpack_target(st, *work, outs, in.numel());
   st.wait_inputs();
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
-    return api_->allgather(c, ptr(hin), ptr(flat), count(hin, w), w.dtype, o, op);
-  });
+  submit_allgather(*work, timeout_for(opts.timeout), hin, flat);
   return launched(work);
 }
 
@@ -509,7 +513,6 @@ c10::intrusive_ptr<c10d::Work> HcBackend::_allgather_base(
     const c10d::AllgatherOptions& opts) {
   check_tensor(input, "all_gather_into_tensor");
   check_like(output, input, input.numel() * size_, "all_gather_into_tensor", "the output");
-  Wire w = wire_for_copy(input.scalar_type());
   std::vector<at::Tensor> ins{input};
   auto work = make_work(
       c10d::OpType::_ALLGATHER_BASE, "hetcomm:_all_gather_base", ins, {output}, true, "all_gather_into_tensor");
@@ -517,9 +520,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::_allgather_base(
   at::Tensor hout = st.out(output);
   at::Tensor hin = st.in(input);
   st.wait_inputs();
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
-    return api_->allgather(c, ptr(hin), ptr(hout), count(hin, w), w.dtype, o, op);
-  });
+  submit_allgather(*work, timeout_for(opts.timeout), hin, hout);
   return launched(work);
 }
 
@@ -569,13 +570,8 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allgather_coalesced(
   }
   st.wait_inputs();
   int timeout_ms = timeout_for(opts.timeout);
-  for (size_t i = 0; i < inputs.size(); i++) {
-    Wire w = wire_for_copy(inputs[i].scalar_type());
-    const auto &hin = hins[i], &flat = flats[i];
-    submit(*work, timeout_ms, [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
-      return api_->allgather(c, ptr(hin), ptr(flat), count(hin, w), w.dtype, o, op);
-    });
-  }
+  for (size_t i = 0; i < inputs.size(); i++)
+    submit_allgather(*work, timeout_ms, hins[i], flats[i]);
   return launched(work);
 }
 
@@ -610,13 +606,8 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allgather_into_tensor_coalesced(
   }
   st.wait_inputs();
   int timeout_ms = timeout_for(opts.timeout);
-  for (size_t i = 0; i < inputs.size(); i++) {
-    Wire w = wire_for_copy(inputs[i].scalar_type());
-    const auto &hin = hins[i], &hout = houts[i];
-    submit(*work, timeout_ms, [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
-      return api_->allgather(c, ptr(hin), ptr(hout), count(hin, w), w.dtype, o, op);
-    });
-  }
+  for (size_t i = 0; i < inputs.size(); i++)
+    submit_allgather(*work, timeout_ms, hins[i], houts[i]);
   return launched(work);
 }
 

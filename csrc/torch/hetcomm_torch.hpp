@@ -344,6 +344,8 @@ class HcBackend : public c10d::Backend {
   // Submits one core op for `work`; `fn(opts, op_out)` calls the core.
   template <typename F>
   void submit(HcWork& work, int timeout_ms, F&& fn);
+  // Submits the allgather of host tensor `hin` into host tensor `hout`.
+  void submit_allgather(HcWork& work, int timeout_ms, const at::Tensor& hin, const at::Tensor& hout);
   // One send or receive (peer may be HC_ANY_SOURCE); not yet issued().
   c10::intrusive_ptr<HcWork> p2p(bool is_send, const at::Tensor& t, int peer, int tag, int timeout_ms);
   // Finishes issuing: coalescing bookkeeping, returns the Work.

@@ -43,14 +43,7 @@ def hetcomm_unavailable_reason() -> str | None:
         import hetcomm
     except Exception as exc:  # a broken native build raises more than ImportError
         return f"import hetcomm failed: {type(exc).__name__}: {exc}"
-    if not callable(getattr(hetcomm, "Communicator", None)):
-        return "hetcomm.Communicator is not available yet (the package has no Communicator)"
     return None
-
-
-def hetcomm_available() -> bool:
-    """True when ``hetcomm.Communicator`` can be imported (used by tests to skip)."""
-    return hetcomm_unavailable_reason() is None
 
 
 class Backend(ABC):
@@ -300,7 +293,7 @@ def ensure_torch_backend(name: str) -> None:
     if name.lower() in dist.Backend.backend_list:
         return
     detail = f" ({'; '.join(errors)})" if errors else ""
-    raise BackendUnavailable(f"torch.distributed has no backend {name!r} (not registered yet){detail}")
+    raise BackendUnavailable(f"torch.distributed has no backend {name!r}{detail}")
 
 
 def check_backend(name: str, via: str, dtype: DType, codec: str) -> None:

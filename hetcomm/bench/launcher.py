@@ -8,21 +8,15 @@ no-progress timeout, and on any failure, timeout or Ctrl-C kills every rank
 and raises :class:`RankFailure` naming the rank and its error.
 
 :class:`LocalLauncher` runs all ranks on this host over 127.0.0.1. The WAN
-testbed (``--sites N --wan-rate R``) plugs in through :func:`make_launcher`,
-which expects the module :data:`NETNS_MODULE` to provide::
-
-    def make_launcher(*, sites: int, wan_rate: str | None, world_size: int) -> Launcher
-
-returning a :class:`Launcher` whose ``spawn`` starts each rank inside its
-site's namespace (e.g. ``ip netns exec``) and whose ``rendezvous`` returns an
-address rank 0 can bind there. ``spawn`` must return a :class:`subprocess.Popen`
-with ``stdin``, ``stdout`` and ``stderr`` all pipes; the protocol on them is
-described in :mod:`hetcomm.bench.runner`.
+testbed (``--sites N --wan-rate R``) is :class:`hetcomm.bench.wan.WanLauncher`,
+whose ``spawn`` starts each rank inside its site's network namespace. A
+launcher's ``spawn`` returns a :class:`subprocess.Popen` with ``stdin``,
+``stdout`` and ``stderr`` all pipes; the protocol on them is described in
+:mod:`hetcomm.bench.runner`.
 """
 from __future__ import annotations
 
 import collections
-import importlib
 import logging
 import os
 import queue
@@ -40,11 +34,8 @@ from .runner import MARKER, WATCH_STDIN_ENV, RankConfig
 
 log = logging.getLogger("hetcomm.bench.launcher")
 
-NETNS_MODULE = "hetcomm.bench.wan"
-
-
 class LauncherUnavailable(RuntimeError):
-    """The requested way of starting ranks is not available (yet)."""
+    """The requested way of starting ranks cannot run here."""
 
 
 class RankFailure(RuntimeError):
@@ -126,22 +117,13 @@ def make_launcher(sites: int | None = None, wan_rate: str | None = None, world_s
     """The launcher for these options: local, or the netns WAN testbed for ``--sites``/``--wan-rate``.
 
     Raises:
-        LauncherUnavailable: the WAN testbed module is missing or has no ``make_launcher``.
+        LauncherUnavailable: the WAN testbed cannot run here (no root, no ``ip``, bad shape).
     """
     if sites is None and wan_rate is None:
         return LocalLauncher()
-    try:
-        netns = importlib.import_module(NETNS_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name in (NETNS_MODULE, NETNS_MODULE.rsplit(".", 1)[0]):
-            raise LauncherUnavailable(
-                "--sites/--wan-rate: the network-namespace WAN testbed "
-                f"({NETNS_MODULE}) is not available yet") from None
-        raise LauncherUnavailable(f"--sites/--wan-rate: importing {NETNS_MODULE} failed: {exc}") from exc
-    factory = getattr(netns, "make_launcher", None)
-    if factory is None:
-        raise LauncherUnavailable(f"--sites/--wan-rate: not available yet ({NETNS_MODULE} has no make_launcher())")
-    return factory(sites=sites if sites is not None else 1, wan_rate=wan_rate, world_size=world_size)
+    from .wan import WanLauncher  # imports this module
+
+    return WanLauncher(sites if sites is not None else 1, wan_rate, world_size)
 
 
 class _Rank:

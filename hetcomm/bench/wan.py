@@ -45,12 +45,7 @@ class WanLauncher(Launcher):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "sites": self.bed.sites, "ranks_per_site": self.bed.ranks_per_site,
-                "wan_rate_bps": self.bed.tbf.rate_bps if self.bed.tbf else None, "wan_tx_bytes": self.bed.wan_tx_bytes()}
+                "wan_rate_bps": self.bed.tbf.rate_bps if self.bed.tbf else None}
 
     def close(self) -> None:
         self.bed.close()
-
-
-def make_launcher(sites: int, wan_rate: str | None, world_size: int) -> Launcher:
-    """The launcher for ``--sites``/``--wan-rate``."""
-    return WanLauncher(sites, wan_rate, world_size)
