@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hetcomm.bench import netns
+from hetcomm.bench import netns, netns_probe
 
 ROOT = Path(netns.__file__).resolve().parents[2]
 OK, WHY = netns.available()
@@ -222,9 +222,9 @@ def test_wan_rate_and_unshaped_same_site() -> None:
     rate = 200e6
     with netns.WanTestbed(sites=2, ranks_per_site=2, wan_rate="200mbit") as tb:
         before = tb.wan_counters()
-        fwd = netns.measure_link_stats(tb, 0, 1, seconds=2.0)
-        back = netns.measure_link(tb, 1, 0, seconds=1.5)
-        local = netns.measure_link(tb, 0, 0, seconds=1.0)
+        fwd = netns_probe.measure_link_stats(tb, 0, 1, seconds=2.0)
+        back = netns_probe.measure_link(tb, 1, 0, seconds=1.5)
+        local = netns_probe.measure_link(tb, 0, 0, seconds=1.0)
         after = tb.wan_counters()
     for g in (fwd.gbit_per_s, back):
         assert 0.90 * rate <= g * 1e9 <= 1.05 * rate, g
@@ -242,7 +242,7 @@ def test_wan_rate_and_unshaped_same_site() -> None:
 @pytest.mark.timeout(60)
 def test_three_sites_each_link_shaped() -> None:
     with netns.WanTestbed(sites=3, ranks_per_site=1, wan_rate="100mbit") as tb:
-        g = netns.measure_link(tb, 2, 0, seconds=1.5)
+        g = netns_probe.measure_link(tb, 2, 0, seconds=1.5)
     assert 0.90e8 <= g * 1e9 <= 1.05e8, g
 
 
@@ -376,7 +376,7 @@ def test_gloo_allreduce_2_sites_x_2_ranks() -> None:
     pytest.importorskip("torch")
     with netns.WanTestbed(sites=2, ranks_per_site=2, wan_rate="200mbit") as tb:
         wan_before = tb.wan_tx_bytes()
-        res = netns.run_gloo_allreduce(tb, nbytes=64 * 1024, iters=2, warmup=1, timeout=150)
+        res = netns_probe.run_gloo_allreduce(tb, nbytes=64 * 1024, iters=2, warmup=1, timeout=150)
         wan_after = tb.wan_tx_bytes()
     assert res.correct
     assert [rep["rank"] for rep in res.per_rank] == [0, 1, 2, 3]
