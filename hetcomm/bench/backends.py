@@ -184,8 +184,9 @@ class TorchDistBackend(Backend):
 
     via = "torch"
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, codec: str = "none") -> None:
         self.name = name
+        self.codec = codec
         self.dist: Any = None
         self.torch: Any = None
 
@@ -197,8 +198,13 @@ class TorchDistBackend(Backend):
 
         ensure_torch_backend(self.name)
         self.torch, self.dist = torch, dist
-        dist.init_process_group(backend=self.name, init_method="env://", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+        options = None
+        if self.codec != "none":  # the group's default codec: float sum/avg allreduce and reduce_scatter
+            from hetcomm.torch import ProcessGroupOptions
+
+            options = ProcessGroupOptions(codec=self.codec)
+        dist.init_process_group(backend=self.name, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout), pg_options=options)
 
     def inplace(self, op: str) -> bool:
         return op in ("allreduce", "broadcast")
@@ -228,8 +234,8 @@ class TorchDistBackend(Backend):
         return buf.view(self.torch.uint8).numpy()
 
     def make_call(self, op: str, send: Any, recv: Any, *, root: int, codec: str) -> Callable[[], object]:
-        if codec != "none":
-            raise BackendUnavailable("codecs are not passed through torch.distributed; use --via numpy")
+        if codec != self.codec:
+            raise BackendUnavailable(f"this {self.name} group was made for codec {self.codec}, not {codec}")
         dist = self.dist
         SUM = dist.ReduceOp.SUM
         if op == "allreduce":
@@ -311,22 +317,25 @@ def check_backend(name: str, via: str, dtype: DType, codec: str) -> None:
         if reason:
             raise BackendUnavailable(f"the hetcomm backend cannot run: {reason}; try --backend gloo")
         return
-    if codec != "none":
-        what = "gloo has no codecs" if name == "gloo" else "codecs are not passed through torch.distributed yet"
-        raise BackendUnavailable(f"--codec {codec} with {name} via torch: {what}")
+    if codec != "none" and name != "hetcomm":
+        raise BackendUnavailable(f"--codec {codec} with {name}: only hetcomm has codecs")
     ensure_torch_backend(name)
     if dtype.name in TORCH_UNSUPPORTED_DTYPES.get(name, set()):
         raise BackendUnavailable(f"torch's {name} backend does not support {dtype.name}")
 
 
-def make_backend(name: str, via: str) -> Backend:
-    """The backend object for ``name`` reached through ``via`` (``numpy`` or ``torch``)."""
+def make_backend(name: str, via: str, codec: str = "none") -> Backend:
+    """The backend object for ``name`` reached through ``via`` (``numpy`` or ``torch``).
+
+    Through torch, a ``codec`` is the process group's default (hetcomm only);
+    the Communicator takes it per call instead.
+    """
     if via == "numpy":
         if name != "hetcomm":
             raise BackendUnavailable(f"--via numpy is hetcomm's Communicator only, not {name}")
         return HetcommNumpyBackend()
     if via == "torch":
-        return TorchDistBackend(name)
+        return TorchDistBackend(name, codec)
     raise ValueError(f"unknown path {via!r}")
 
 

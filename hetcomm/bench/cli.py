@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--root", type=int, default=0, help="broadcast root (default: %(default)s)")
     g.add_argument("--codec", choices=CODECS, default="none",
                    help="compression for hetcomm's allreduce and reduce_scatter (floating-point dtypes; "
-                        "not applied to gloo). Checking then accepts an absolute error per element of "
+                        "not applied to gloo; --via torch: the process group's default codec, "
+                        "ProcessGroupOptions(codec=...)). Checking then accepts an absolute error per element of "
                         "2 * n^2 * M * eps with M = 2 (the data are integers in [-2, 2]) and eps = 2^-11 "
                         "fp16, 2^-8 bf16, 1/254 int8, 1/14 int4, 2 for 1bit: up to n partial sums of "
                         "magnitude <= n*M are quantized, plus one error-feedback residual carried in. "

@@ -160,7 +160,7 @@ def run_case(backend: Backend, case: Case, cfg: RankConfig, rank: int, world_siz
 
 def run_rank(cfg: RankConfig, rank: int, world_size: int, emit: Callable[[dict], None]) -> None:
     """Join the group, run every case in ``cfg.cases`` in order, emit one row each, leave."""
-    backend = make_backend(cfg.backend, cfg.via)
+    backend = make_backend(cfg.backend, cfg.via, cfg.codec)
     t0 = time.perf_counter()
     backend.setup(rank, world_size, cfg.timeout)
     log.info("rank %d/%d joined %s via %s in %.2f s", rank, world_size, cfg.backend, cfg.via,
