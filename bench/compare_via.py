@@ -45,7 +45,8 @@ def _calls(op: str, n: int, world: int, comm, dist, torch) -> dict:
         return {"dist": lambda: dist.broadcast(x, 0), "backend": lambda: pg.broadcast(x, 0).wait(),
                 "numpy": lambda: comm.broadcast(xv, 0)}
     if op == "allgather":  # n elements in, n * world out
-        return {"dist": lambda: dist.all_gather_into_tensor(big, x), "backend": lambda: pg._allgather_base(big, x).wait(),
+        return {"dist": lambda: dist.all_gather_into_tensor(big, x),
+                "backend": lambda: pg._allgather_base(big, x).wait(),
                 "numpy": lambda: comm.allgather(xv, out=bigv)}
     if op == "reduce_scatter":  # n * world in, n out
         return {"dist": lambda: dist.reduce_scatter_tensor(x, big),
@@ -128,6 +129,7 @@ def main() -> None:
             print(f"{op:>15} {size:>11} {med['numpy'] * 1e6:11.1f} {med['dist'] * 1e6:11.1f} "
                   f"{med['backend'] * 1e6:13.1f} {med['numpy'] / med['dist']:11.2f} "
                   f"{med['numpy'] / med['backend']:14.2f}")
+
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--rank-main":

@@ -3,10 +3,13 @@
 ``import hetcomm`` registers the "hetcomm" torch.distributed backend when
 torch is installed; :class:`Communicator` works without torch.
 """
+from typing import Any, Callable
+
 from hetcomm.comm import Communicator, ReduceOp, Work
 from hetcomm.config import Options
 from hetcomm.errors import (AbortedError, AuthError, CommTimeoutError, HetcommError, MismatchError,
                             PeerLostError, ProtocolError)
+
 
 def get_include() -> str:
     """Directory holding hetcomm.h, for C programs that embed the core."""
@@ -20,7 +23,7 @@ def get_include() -> str:
 
 
 def ddp_hook(codec: str = "int8", error_feedback: bool = True, stochastic_rounding: bool = False,
-             seed: int = 0x5EED):
+             seed: int = 0x5EED) -> Callable[..., Any]:
     """A DDP comm hook averaging gradients with a compressed hetcomm allreduce
     (see hetcomm.torch.hooks.ddp_hook); needs torch and a "hetcomm" group."""
     from hetcomm.torch.hooks import ddp_hook as make
@@ -35,8 +38,9 @@ def get_library_dir() -> str:
     return os.path.join(os.path.dirname(__file__), "lib")
 
 
-__all__ = ["ddp_hook", "get_include", "get_library_dir", "Communicator", "ReduceOp", "Work", "Options", "HetcommError", "CommTimeoutError",
-           "PeerLostError", "MismatchError", "ProtocolError", "AbortedError", "AuthError"]
+__all__ = ["ddp_hook", "get_include", "get_library_dir", "Communicator", "ReduceOp", "Work", "Options",
+           "HetcommError", "CommTimeoutError", "PeerLostError", "MismatchError", "ProtocolError", "AbortedError",
+           "AuthError"]
 __version__ = "0.1.0"
 
 # Registers the "hetcomm" torch.distributed backend once torch.distributed is

@@ -138,8 +138,10 @@ class Options:
         o.ifname = o.ifname or env_str("HETCOMM_IFNAME")
         o.transport = (o.transport or env_str("HETCOMM_TRANSPORT", "auto")).lower()
         o.streams = o.streams if o.streams is not None else env_int("HETCOMM_STREAMS", 4)
-        o.chunk_bytes = parse_size(o.chunk_bytes) if o.chunk_bytes is not None else env_int("HETCOMM_CHUNK_BYTES", 2 << 20)
-        o.small_bytes = parse_size(o.small_bytes) if o.small_bytes is not None else env_int("HETCOMM_SMALL_BYTES", 64 << 10)
+        o.chunk_bytes = (parse_size(o.chunk_bytes) if o.chunk_bytes is not None
+                         else env_int("HETCOMM_CHUNK_BYTES", 2 << 20))
+        o.small_bytes = (parse_size(o.small_bytes) if o.small_bytes is not None
+                         else env_int("HETCOMM_SMALL_BYTES", 64 << 10))
         o.algo = (o.algo or env_str("HETCOMM_ALGO", "auto")).lower()
         o.codec = (o.codec or env_str("HETCOMM_CODEC", "none")).lower()
         o.codec_min_bytes = (parse_size(o.codec_min_bytes) if o.codec_min_bytes is not None

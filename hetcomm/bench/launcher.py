@@ -34,6 +34,7 @@ from .runner import MARKER, WATCH_STDIN_ENV, RankConfig
 
 log = logging.getLogger("hetcomm.bench.launcher")
 
+
 class LauncherUnavailable(RuntimeError):
     """The requested way of starting ranks cannot run here."""
 
