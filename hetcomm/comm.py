@@ -419,6 +419,7 @@ class Communicator:
 
     @property
     def site_count(self) -> int:
+        """How many distinct sites the ranks of this communicator are in."""
         return lib.hc_comm_site_count(self._live_handle())
 
     def ring_order(self) -> list[int]:

@@ -19,11 +19,13 @@ TRANSPORTS = ("auto", "tcp", "ipc")
 
 
 def env_str(name: str, default: str | None = None) -> str | None:
+    """The variable's value, or ``default`` when it is unset or empty."""
     value = os.environ.get(name)
     return value if value not in (None, "") else default
 
 
 def env_int(name: str, default: int) -> int:
+    """The variable as an integer (size suffixes K/M/G allowed), or ``default``."""
     value = env_str(name)
     if value is None:
         return default
@@ -34,6 +36,7 @@ def env_int(name: str, default: int) -> int:
 
 
 def env_float(name: str, default: float) -> float:
+    """The variable as a number, or ``default``."""
     value = env_str(name)
     if value is None:
         return default
@@ -44,6 +47,7 @@ def env_float(name: str, default: float) -> float:
 
 
 def env_bool(name: str, default: bool) -> bool:
+    """The variable as a boolean (1/0, on/off, true/false, yes/no), or ``default``."""
     value = env_str(name)
     if value is None:
         return default
