@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import socket
 import sys
 
 
@@ -29,6 +32,20 @@ def _info(args: argparse.Namespace) -> int:
         print(f"torch {torch.__version__}")
     except ImportError:
         print("torch: not installed (the torch backend is unavailable; Communicator works)")
+    # What this rank would run with: arguments aside, the HETCOMM_* environment and defaults.
+    from hetcomm.config import Options
+
+    try:
+        opts = Options().resolved()
+    except ValueError as exc:
+        print(f"configuration: {exc}")
+        return 1
+    print(f"host {opts.host or socket.gethostname()}, site {opts.site or '(none: one site)'}"
+          + (f" (from {opts.topology})" if opts.topology and not os.environ.get("HETCOMM_SITE") else ""))
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if f.name not in ("site", "host", "extra") and value is not None:
+            print(f"  {f.name} = {value}")
     return 0
 
 
@@ -40,12 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("directory", help="where to write NAME.key and NAME.key_secret")
     k.add_argument("--name", default=None, help="certificate name (default: this host's name)")
     k.set_defaults(fn=_keygen)
-    i = sub.add_parser("info", help="versions and the SIMD level the kernels use")
+    i = sub.add_parser("info", help="versions, the SIMD level of the kernels, and the settings this environment gives")
     i.set_defaults(fn=_info)
     args = parser.parse_args(argv)
     if args.command == "keygen" and not args.name:
-        import socket
-
         args.name = socket.gethostname()
     try:
         return args.fn(args)

@@ -21,11 +21,15 @@ def read_topology(path: str | Path) -> list[tuple[str, str]]:
     """The (pattern, site) rules of a topology file, in order.
 
     Raises:
-        ValueError: a line that is not ``PATTERN SITE`` (naming the file and line).
-        OSError: the file cannot be read.
+        ValueError: the file cannot be read, or a line is not ``PATTERN SITE``
+            (naming the file and the line).
     """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"topology file {path} (HETCOMM_TOPOLOGY): cannot read it: {exc.strerror}") from exc
     rules = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
         if not words:
             continue

@@ -38,6 +38,8 @@ def test_unmatched_host_and_bad_lines_are_named(tmp_path):
     path.write_text("bj-* beijing\nsh-* shanghai extra\n")
     with pytest.raises(ValueError, match=r"line 2: expected 'HOST_PATTERN SITE'"):
         read_topology(path)
+    with pytest.raises(ValueError, match=r"topology file .*missing.*cannot read it"):
+        read_topology(tmp_path / "missing")
 
 
 def test_explicit_site_wins_over_the_file(topo, monkeypatch):
