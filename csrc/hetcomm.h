@@ -173,6 +173,9 @@ typedef struct hc_config {
     const char *curve_secret_key;
     int shm_enable;            /* 1: shared-memory lanes to same-host, same-site peers */
     size_t shm_bytes;          /* size of each lane (one per peer and direction) */
+    double wan_bandwidth;      /* bytes/s of a link between sites; 0: unknown. With the round
+                                  trips measured at connect it raises the size below which
+                                  allreduce across sites uses recursive doubling */
 } hc_config;
 
 /* Fills defaults: one stream, 2 MiB chunks, 64 KiB small threshold, 300 s
@@ -189,8 +192,9 @@ const char *hc_comm_endpoint(const hc_comm *comm);
 int hc_comm_set_peer(hc_comm *comm, int peer, const char *endpoint,
                      const char *site, const char *host,
                      const char *curve_public_key);
-/* Connects to every peer and exchanges a greeting with each; returns
- * HC_ERR_TIMEOUT naming the ranks that did not answer in time. */
+/* Connects to every peer, exchanges a greeting with each and times one round
+ * trip to each (hc_comm_peer_rtt_ns); returns HC_ERR_TIMEOUT naming the ranks
+ * that did not answer in time. */
 int hc_comm_connect(hc_comm *comm);
 /* Finishes the queued ops, then closes. Safe on a broken communicator. */
 int hc_comm_destroy(hc_comm *comm);
@@ -200,6 +204,9 @@ int hc_comm_abort(hc_comm *comm, const char *reason);
 int hc_comm_rank(const hc_comm *comm);
 int hc_comm_size(const hc_comm *comm);
 int hc_comm_site_count(const hc_comm *comm);
+/* Round trip to `peer` in nanoseconds, measured once when connecting; -1 for
+ * this rank, a bad peer or an unconnected communicator. */
+int64_t hc_comm_peer_rtt_ns(const hc_comm *comm, int peer);
 /* Index of the site of `rank` (sites numbered by first appearance in rank order). */
 int hc_comm_site_of(const hc_comm *comm, int rank);
 /* The ring order the large-message algorithms use (sites kept adjacent). */

@@ -19,7 +19,7 @@ import numpy as np
 
 from hetcomm import _native, rendezvous
 from hetcomm._capi import ffi, lib
-from hetcomm.config import CODECS, Options
+from hetcomm.config import CODECS, Options, parse_rate
 from hetcomm.errors import AuthError, HetcommError, error_for
 
 log = logging.getLogger("hetcomm")
@@ -296,6 +296,7 @@ class Communicator:
         _warn_if_capped(opts.socket_buffer)
         cfg.shm_enable = int(opts.shm)
         cfg.shm_bytes = opts.shm_bytes
+        cfg.wan_bandwidth = parse_rate(opts.wan_bandwidth) if opts.wan_bandwidth else 0.0
         if self._curve:
             cfg.curve_enable = 1
             cfg.curve_public_key = s(self._curve[0])
@@ -421,6 +422,13 @@ class Communicator:
     def site_count(self) -> int:
         """How many distinct sites the ranks of this communicator are in."""
         return lib.hc_comm_site_count(self._live_handle())
+
+    def link_rtt(self, peer: int) -> float:
+        """Round trip to rank ``peer`` in seconds, measured once when connecting."""
+        if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size or peer == self.rank:
+            raise ValueError(f"peer {peer!r} is not another rank of this communicator (rank {self.rank} "
+                             f"of {self.size})")
+        return lib.hc_comm_peer_rtt_ns(self._live_handle(), int(peer)) / 1e9
 
     def ring_order(self) -> list[int]:
         """The rank order the ring algorithms use (sites kept adjacent)."""

@@ -71,3 +71,33 @@ def test_ranks_placed_by_the_file_run_hierarchically(topo):
         assert site_count == 2
         assert order in ([0, 2, 1, 3], [1, 3, 0, 2])  # each site's ranks adjacent
         assert value == 10.0
+
+
+def _allreduce_choice(rank: int, size: int) -> tuple:
+    import logging
+
+    import hetcomm
+
+    seen = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("hetcomm").addHandler(handler)
+    with hetcomm.Communicator(options=hetcomm.Options(site=f"dc{rank // 2}")) as comm:
+        x = np.full(1 << 18, rank + 1, np.float32)  # 1 MiB: above the 64 KiB small-message threshold
+        comm.allreduce(x)
+        rtts = [comm.link_rtt(p) for p in range(size) if p != rank]
+    choice = [m.split(": ")[-1] for m in seen if "allreduce #" in m]
+    return choice, rtts, float(x[0]), float(x[-1])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bandwidth,expected", [(None, "hierarchical"), ("100000gbit", "recursive doubling")])
+def test_measured_round_trips_and_wan_bandwidth_pick_the_algorithm(bandwidth, expected):
+    # A WAN holding more than the message in one trip makes the allreduce
+    # latency-bound: recursive doubling. Every rank must choose the same.
+    env = {"HETCOMM_LOG_LEVEL": "DEBUG", **({"HETCOMM_WAN_BANDWIDTH": bandwidth} if bandwidth else {})}
+    results = run_ranks(_allreduce_choice, 4, env=env, timeout=90)
+    for choice, rtts, first, last in results:
+        assert choice == [expected]
+        assert all(0 < t < 5 for t in rtts)
+        assert first == last == 10.0

@@ -2,7 +2,8 @@
  * Allreduce: picks the algorithm and, for compressed ops, stages non-fp32
  * data through fp32 (the codecs work on fp32).
  *
- *   recursive doubling  small messages, uncompressed (latency bound)
+ *   recursive doubling  small messages, uncompressed (latency bound; see
+ *                       hc_wan_in_flight_estimate)
  *   hierarchical        several sites of equal size (WAN bound)
  *   ring                the rest
  *
@@ -26,6 +27,24 @@ static const char *algo_name(int algo) {
     }
 }
 
+/*
+ * Across sites an allreduce is latency-bound below about what one one-way
+ * trip over the WAN carries (measured round trip / 2 x the configured
+ * bandwidth): recursive doubling crosses the WAN once per doubling step with
+ * the whole message from every rank of a site, the hierarchical allreduce
+ * twice with 1/(ranks per site) of it, so up to about that size the extra trip
+ * costs more than the extra bytes. 0 without a bandwidth or a second site.
+ * Each rank's estimate is exchanged at connect; all use the largest.
+ */
+size_t hc_wan_in_flight_estimate(const hc_comm *c) {
+    if (c->nsites < 2 || c->cfg.wan_bandwidth <= 0) return 0;
+    int64_t rtt = 0;
+    for (int r = 0; r < c->size; r++)
+        if (c->peers[r].site != c->peers[c->rank].site && c->peers[r].rtt_ns > rtt) rtt = c->peers[r].rtt_ns;
+    int per_site = hc_sites_uniform(c);
+    return (size_t)(c->cfg.wan_bandwidth * (double)rtt / 2e9 / (per_site > 1 ? per_site - 1 : 1));
+}
+
 static int choose(hc_exec *x, size_t bytes) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
@@ -33,7 +52,7 @@ static int choose(hc_exec *x, size_t bytes) {
     int hier_ok = c->nsites > 1 && hc_sites_uniform(c) > 0;
     if (algo == HC_ALGO_TREE) algo = HC_ALGO_RECURSIVE_DOUBLING;
     if (algo == HC_ALGO_AUTO) {
-        if (op->codec == HC_CODEC_NONE && bytes < c->cfg.small_bytes)
+        if (op->codec == HC_CODEC_NONE && (bytes < c->cfg.small_bytes || bytes < c->wan_in_flight))
             algo = HC_ALGO_RECURSIVE_DOUBLING;
         else
             algo = hier_ok ? HC_ALGO_HIERARCHICAL : HC_ALGO_RING;

@@ -243,6 +243,15 @@ int hc_comm_connect(hc_comm *c) {
         hc_tp_close_peers(c, 0);
         return rc;
     }
+    for (int r = 0; r < c->size; r++) {
+        if (r == c->rank) continue;
+        const hc_peer *p = &c->peers[r];
+        hc_log(HC_LOG_DEBUG, "%s: rank %d: round trip to rank %d (site %d) %.1f us", c->name, c->rank, r, p->site,
+               p->rtt_ns / 1e3);
+    }
+    if (c->wan_in_flight)
+        hc_log(HC_LOG_DEBUG, "%s: rank %d: allreduce below %zu bytes uses recursive doubling (one WAN trip)",
+               c->name, c->rank, c->wan_in_flight > c->cfg.small_bytes ? c->wan_in_flight : c->cfg.small_bytes);
     c->connected = 1;
     if (pthread_create(&c->worker, NULL, hc_worker_main, c) != 0) {
         hc_set_last_error("hc_comm_connect: cannot start the worker thread");
@@ -324,6 +333,11 @@ int hc_comm_destroy(hc_comm *c) {
 int hc_comm_rank(const hc_comm *c) { return c ? c->rank : -1; }
 int hc_comm_size(const hc_comm *c) { return c ? c->size : -1; }
 int hc_comm_site_count(const hc_comm *c) { return c ? c->nsites : 0; }
+
+int64_t hc_comm_peer_rtt_ns(const hc_comm *c, int peer) {
+    if (!c || !c->connected || peer < 0 || peer >= c->size || peer == c->rank) return -1;
+    return c->peers[peer].rtt_ns;
+}
 
 int hc_comm_site_of(const hc_comm *c, int rank) {
     return c && c->ring && rank >= 0 && rank < c->size ? c->peers[rank].site : -1;

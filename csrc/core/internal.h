@@ -106,6 +106,9 @@ typedef struct hc_peer {
     int hellos;           /* greetings received (one per stream of theirs) */
     int peer_streams;     /* how many streams the peer opened to this rank */
     int ready;            /* its READY arrived (handshake complete) */
+    int pinged_me;        /* its PING arrived (and was answered) */
+    int64_t rtt_ns;       /* round trip to it, measured at connect; 0 until then */
+    int links_reported;   /* its LINKS arrived */
     hc_lane *tx_lane;     /* payloads to this peer, when it mapped the lane */
     struct hc_pending *pend_head, *pend_tail; /* zero-copy sends waiting for a lane slot */
     hc_lane *rx_lane;     /* payloads from this peer */
@@ -162,6 +165,7 @@ struct hc_comm {
     int connected;
 
     int nsites;
+    size_t wan_in_flight; /* agreed at connect: bytes one trip across the WAN holds (0: unknown) */
     int *ring;              /* ring order: ranks with sites kept adjacent */
     int ring_pos;           /* this rank's index in ring */
 
@@ -274,6 +278,8 @@ void hc_run_op(hc_comm *comm, hc_op *op);
 extern _Thread_local int hc_on_worker;
 /* Greets every peer; waits for all greetings. */
 int hc_progress_handshake(hc_comm *comm);
+/* This rank's estimate of the bytes one WAN trip carries (algo/allreduce.c). */
+size_t hc_wan_in_flight_estimate(const hc_comm *comm);
 hc_msg *hc_msg_alloc(hc_comm *comm);
 void hc_msg_free(hc_comm *comm, hc_msg *m);
 

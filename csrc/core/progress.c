@@ -192,6 +192,30 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
         }
         drop(c, m);
         return HC_OK;
+    case HC_MSG_PING:
+        if (h->seq == c->cfg.session_token) {
+            hc_wire_header pong;
+            control_header(c, &pong, HC_MSG_PONG);
+            pong.count = h->count;
+            p->pinged_me = 1;
+            hc_tp_send(c, p, &pong, NULL, 0, -1);
+        }
+        drop(c, m);
+        return HC_OK;
+    case HC_MSG_PONG:
+        if (h->seq == c->cfg.session_token && h->count) {
+            int64_t rtt = hc_now_ns() - (int64_t)h->count;
+            p->rtt_ns = rtt > 0 ? rtt : 1;
+        }
+        drop(c, m);
+        return HC_OK;
+    case HC_MSG_LINKS:
+        if (h->seq == c->cfg.session_token) {
+            p->links_reported = 1;
+            if (h->count > c->wan_in_flight) c->wan_in_flight = (size_t)h->count;
+        }
+        drop(c, m);
+        return HC_OK;
     case HC_MSG_ABORT: {
         char who[160];
         int status = h->root > HC_OK && h->root < HC_IN_PROGRESS ? h->root : HC_ERR_ABORTED;
@@ -483,6 +507,11 @@ void hc_progress_sleep(hc_comm *c) {
     hc_zmq.poll(&wake, 1, -1);
 }
 
+/* All its streams greeted this rank, and it answered this rank's greeting. */
+static int greeted_both_ways(const hc_peer *p) {
+    return p->peer_streams != 0 && p->hellos >= p->peer_streams && p->ready;
+}
+
 int hc_progress_handshake(hc_comm *c) {
     hc_wire_header h;
     control_header(c, &h, HC_MSG_HELLO);
@@ -499,23 +528,51 @@ int hc_progress_handshake(hc_comm *c) {
     }
     int64_t deadline = hc_now_ns() + (int64_t)c->cfg.timeout_ms * 1000000;
     want w = {NULL, -1, 0, NULL};
+    int pinged = 0, reported = 0;
     for (;;) {
         int rc = drain_inboxes(c, &w);
         if (rc == HC_OK) rc = service_control(c, &w);
         if (rc != HC_OK) return rc;
-        int complete = 1;
+        int greeted = 1;
         for (int r = 0; r < c->size; r++)
-            if (r != c->rank && (c->peers[r].peer_streams == 0 || c->peers[r].hellos < c->peers[r].peer_streams ||
-                                 !c->peers[r].ready))
-                complete = 0;
+            if (r != c->rank && !greeted_both_ways(&c->peers[r])) greeted = 0;
+        if (greeted && !pinged) {
+            /* Every link is up: time one round trip on each. A rank leaves
+             * only once every peer has pinged it (and got its answer), so no
+             * ping waits on a rank that has moved on. */
+            control_header(c, &h, HC_MSG_PING);
+            for (int r = 0; r < c->size; r++) {
+                if (r == c->rank) continue;
+                h.count = (uint64_t)hc_now_ns();
+                if ((rc = hc_tp_send(c, &c->peers[r], &h, NULL, 0, -1)) != HC_OK) return rc;
+            }
+            pinged = 1;
+        }
+        int timed = pinged;
+        for (int r = 0; r < c->size; r++)
+            if (r != c->rank && !c->peers[r].rtt_ns) timed = 0;
+        if (timed && !reported) {
+            /* Algorithm choices depend on the estimate, so all ranks must use
+             * the same one: each sends its own, all take the largest. */
+            size_t mine = hc_wan_in_flight_estimate(c);
+            if (mine > c->wan_in_flight) c->wan_in_flight = mine;
+            control_header(c, &h, HC_MSG_LINKS);
+            h.count = mine;
+            for (int r = 0; r < c->size; r++)
+                if (r != c->rank && (rc = hc_tp_send(c, &c->peers[r], &h, NULL, 0, -1)) != HC_OK) return rc;
+            reported = 1;
+        }
+        int complete = reported;
+        for (int r = 0; r < c->size; r++)
+            if (r != c->rank && (!c->peers[r].pinged_me || !c->peers[r].links_reported)) complete = 0;
         if (complete) return HC_OK;
         int64_t now = hc_now_ns();
         if (now >= deadline) {
             char missing[512] = "";
             size_t n = 0;
             for (int r = 0; r < c->size && n < sizeof missing - 16; r++)
-                if (r != c->rank && (c->peers[r].peer_streams == 0 || c->peers[r].hellos < c->peers[r].peer_streams ||
-                                     !c->peers[r].ready))
+                if (r != c->rank && (!greeted_both_ways(&c->peers[r]) || !c->peers[r].pinged_me || !c->peers[r].rtt_ns ||
+                                     !c->peers[r].links_reported))
                     n += (size_t)snprintf(missing + n, sizeof missing - n, "%s%d", n ? ", " : "", r);
             hc_set_last_error("%s: rank %d heard nothing within %d ms from rank(s) %s; they did "
                               "not start, cannot reach this rank's address (%s), or are another job",

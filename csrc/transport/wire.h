@@ -22,6 +22,9 @@ typedef enum hc_msg_kind {
     HC_MSG_ABORT = 4, /* the sender broke the communicator; payload: reason */
     HC_MSG_READY = 5, /* after all greetings: which shared-memory lanes work */
     HC_MSG_CREDIT = 6, /* a lane slot was freed while its sender waited for one */
+    HC_MSG_PING = 7,   /* after the handshake: count = sender's clock, echoed by */
+    HC_MSG_PONG = 8,   /* the reply, so the sender measures the round trip */
+    HC_MSG_LINKS = 9,  /* after the pongs: count = the sender's WAN in-flight estimate (bytes) */
 } hc_msg_kind;
 
 enum {
