@@ -78,6 +78,16 @@ static void wake(hc_comm *c) {
     (void)!write(c->wake_fd[1], &b, 1); /* a full pipe already means "wake up" */
 }
 
+/* Ends a run on a user thread: the op's waits may have eaten wake-ups meant
+ * for the worker, so wake it if anything is left for it, then let go. */
+static void release_engine(hc_comm *c) {
+    pthread_mutex_lock(&c->qmu);
+    int pending = c->q_head || c->p2p_head;
+    pthread_mutex_unlock(&c->qmu);
+    if (pending || c->recv_pending_head) wake(c);
+    pthread_mutex_unlock(&c->engine);
+}
+
 /* A blocking collective on an idle communicator runs on the caller's thread:
  * two thread hand-offs less, which is most of a small message's latency. */
 static int run_inline(hc_comm *c, hc_op *op) {
@@ -91,36 +101,15 @@ static int run_inline(hc_comm *c, hc_op *op) {
     op->seq = ++c->issued_seq;
     pthread_mutex_unlock(&c->qmu);
     hc_run_op(c, op);
-    /* This op's waits may have eaten wake-ups meant for the worker. */
-    pthread_mutex_lock(&c->qmu);
-    int pending = c->q_head || c->p2p_head;
-    pthread_mutex_unlock(&c->qmu);
-    if (pending || c->recv_pending_head) wake(c);
-    pthread_mutex_unlock(&c->engine);
+    release_engine(c);
     return 1;
 }
 
 int hc_comm_progress(hc_comm *c) {
     if (!c || !c->connected || hc_on_worker || pthread_mutex_trylock(&c->engine) != 0) return 0;
     int ran = 0;
-    for (;;) {
-        pthread_mutex_lock(&c->qmu);
-        hc_op *op = c->q_head;
-        if (op) {
-            c->q_head = op->next;
-            if (!c->q_head) c->q_tail = NULL;
-            op->next = NULL;
-        }
-        pthread_mutex_unlock(&c->qmu);
-        if (!op) break;
-        hc_run_op(c, op);
-        ran++;
-    }
-    pthread_mutex_lock(&c->qmu);
-    int pending = c->p2p_head != NULL;
-    pthread_mutex_unlock(&c->qmu);
-    if (pending || c->recv_pending_head) wake(c);
-    pthread_mutex_unlock(&c->engine);
+    for (hc_op *op; (op = hc_next_collective(c, NULL)) != NULL; ran++) hc_run_op(c, op);
+    release_engine(c);
     return ran;
 }
 

@@ -274,6 +274,9 @@ void hc_progress_sleep(hc_comm *comm);
 void hc_progress_clear_wakeups(hc_comm *comm);
 /* Runs one collective and completes it; engine held. */
 void hc_run_op(hc_comm *comm, hc_op *op);
+/* Takes the oldest queued collective (NULL if none); `closing` (may be NULL)
+ * tells whether the communicator is shutting down with no p2p op left. */
+hc_op *hc_next_collective(hc_comm *comm, int *closing);
 /* Set on the worker thread: there a signal is not the user's business. */
 extern _Thread_local int hc_on_worker;
 /* Greets every peer; waits for all greetings. */

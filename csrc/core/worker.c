@@ -46,7 +46,7 @@ void hc_run_op(hc_comm *c, hc_op *op) {
     hc_op_complete(op, status, NULL);
 }
 
-static hc_op *next_collective(hc_comm *c, int *closing) {
+hc_op *hc_next_collective(hc_comm *c, int *closing) {
     pthread_mutex_lock(&c->qmu);
     hc_op *op = c->q_head;
     if (op) {
@@ -54,7 +54,7 @@ static hc_op *next_collective(hc_comm *c, int *closing) {
         if (!c->q_head) c->q_tail = NULL;
         op->next = NULL;
     }
-    *closing = c->closing && !c->p2p_head;
+    if (closing) *closing = c->closing && !c->p2p_head;
     pthread_mutex_unlock(&c->qmu);
     return op;
 }
@@ -69,7 +69,7 @@ void *hc_worker_main(void *arg) {
     for (;;) {
         pthread_mutex_lock(&c->engine);
         int closing;
-        hc_op *op = next_collective(c, &closing);
+        hc_op *op = hc_next_collective(c, &closing);
         if (op) {
             hc_run_op(c, op);
         } else if (closing) {
