@@ -53,15 +53,11 @@ static void start_send(hc_comm *c, hc_op *op) {
         hc_op_complete(op, HC_ERR_PEER_LOST, NULL);
         return;
     }
-    hc_wire_header h = {0};
-    h.magic = HC_WIRE_MAGIC;
-    h.version = HC_WIRE_VERSION;
-    h.kind = HC_MSG_P2P;
+    hc_wire_header h;
+    hc_wire_header_init(&h, c, HC_MSG_P2P);
     h.op = HC_OP_SEND;
     h.dtype = (uint8_t)op->dtype;
-    h.src = c->rank;
     h.root = op->tag;
-    h.comm_id = c->cfg.comm_id;
     h.count = op->count;
     /* One message on stream 0 keeps sends to one peer in order. */
     int rc = hc_tp_send(c, p, &h, op->sendbuf, op->count * hc_dtype_size(op->dtype), -1);

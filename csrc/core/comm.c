@@ -265,13 +265,9 @@ int hc_comm_connect(hc_comm *c) {
 }
 
 static void send_abort(hc_comm *c, int status, const char *reason) {
-    hc_wire_header h = {0};
-    h.magic = HC_WIRE_MAGIC;
-    h.version = HC_WIRE_VERSION;
-    h.kind = HC_MSG_ABORT;
-    h.src = c->rank;
+    hc_wire_header h;
+    hc_wire_header_init(&h, c, HC_MSG_ABORT);
     h.root = status;
-    h.comm_id = c->cfg.comm_id;
     size_t len = strlen(reason);
     for (int r = 0; r < c->size; r++) {
         hc_peer *p = &c->peers[r];

@@ -274,6 +274,9 @@ void hc_progress_sleep(hc_comm *comm);
 void hc_progress_clear_wakeups(hc_comm *comm);
 /* Runs one collective and completes it; engine held. */
 void hc_run_op(hc_comm *comm, hc_op *op);
+/* Zeroes `h` and fills what every message carries: magic, version, kind,
+ * sender rank and communicator id. */
+void hc_wire_header_init(hc_wire_header *h, const hc_comm *comm, int kind);
 /* Takes the oldest queued collective (NULL if none); `closing` (may be NULL)
  * tells whether the communicator is shutting down with no p2p op left. */
 hc_op *hc_next_collective(hc_comm *comm, int *closing);

@@ -92,13 +92,9 @@ static void warn_dropped(hc_comm *c, const hc_msg *m, const char *why) {
            c->name, c->rank, why, m->h.magic, m->h.version, m->h.src);
 }
 
+/* Handshake messages carry the session token where collectives carry their sequence number. */
 static void control_header(const hc_comm *c, hc_wire_header *h, int kind) {
-    memset(h, 0, sizeof *h);
-    h->magic = HC_WIRE_MAGIC;
-    h->version = HC_WIRE_VERSION;
-    h->kind = (uint8_t)kind;
-    h->src = c->rank;
-    h->comm_id = c->cfg.comm_id;
+    hc_wire_header_init(h, c, kind);
     h->seq = c->cfg.session_token;
 }
 

@@ -6,20 +6,24 @@
 
 #include "core/internal.h"
 
-static void fill_header(hc_exec *x, hc_wire_header *h, int dst) {
-    hc_comm *c = x->comm;
-    hc_op *op = x->op;
+void hc_wire_header_init(hc_wire_header *h, const hc_comm *c, int kind) {
     memset(h, 0, sizeof *h);
     h->magic = HC_WIRE_MAGIC;
     h->version = HC_WIRE_VERSION;
-    h->kind = HC_MSG_DATA;
+    h->kind = (uint8_t)kind;
+    h->src = c->rank;
+    h->comm_id = c->cfg.comm_id;
+}
+
+static void fill_header(hc_exec *x, hc_wire_header *h, int dst) {
+    hc_comm *c = x->comm;
+    hc_op *op = x->op;
+    hc_wire_header_init(h, c, HC_MSG_DATA);
     h->op = (uint8_t)op->kind;
     h->dtype = (uint8_t)op->dtype;
     h->redop = (uint8_t)op->redop;
     h->codec = (uint8_t)op->codec;
-    h->src = c->rank;
     h->root = op->root;
-    h->comm_id = c->cfg.comm_id;
     h->seq = op->seq;
     h->count = op->count;
     h->part = c->peers[dst].tx_part++;

@@ -404,12 +404,8 @@ void hc_tp_release_msg(hc_comm *c, hc_msg *m) {
     if (m->lane && hc_lane_release(m->lane, m->slot) && m->h.src >= 0 && m->h.src < c->size) {
         hc_peer *p = &c->peers[m->h.src];
         if (p->streams && p->streams[0]) {
-            hc_wire_header h = {0};
-            h.magic = HC_WIRE_MAGIC;
-            h.version = HC_WIRE_VERSION;
-            h.kind = HC_MSG_CREDIT;
-            h.src = c->rank;
-            h.comm_id = c->cfg.comm_id;
+            hc_wire_header h;
+            hc_wire_header_init(&h, c, HC_MSG_CREDIT);
             send_inline(p->streams[0], &h, NULL, 0);
         }
     }
