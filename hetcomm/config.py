@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +31,10 @@ def env_int(name: str, default: int) -> int:
     if value is None:
         return default
     try:
-        return int(parse_size(value))
+        return parse_size(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise ValueError(f"environment variable {name}={value!r} is not a non-negative integer "
+                         "(K/M/G suffixes allowed)") from None
 
 
 def env_float(name: str, default: float) -> float:
@@ -83,17 +85,22 @@ def bdp_buffer(bandwidth: str, rtt: str, streams: int) -> int:
     return max(256 << 10, int(2 * bdp / max(1, streams)))
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
+
+
 def parse_size(text: str | int) -> int:
-    """'512K' -> 524288; plain integers pass through."""
-    if isinstance(text, int):
+    """Bytes from ``4``, ``1K``, ``64M`` or ``1GiB`` (binary suffixes: K = 1024); integers pass through.
+
+    Raises:
+        ValueError: not a non-negative integer with an optional K/M/G/T suffix.
+    """
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
         return text
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for suffix, factor in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if s.endswith(suffix):
-            s, mult = s[:-1], factor
-            break
-    return int(float(s) * mult)
+    m = _SIZE_RE.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"invalid size {text!r}: expected bytes with an optional K/M/G suffix, e.g. 4, 1K, 64M")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
 
 
 @dataclass

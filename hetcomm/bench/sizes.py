@@ -5,28 +5,12 @@ Suffixes are binary, as in nccl-tests: K = 1024, M = 1024**2, G = 1024**3
 """
 from __future__ import annotations
 
-import re
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
+from hetcomm.config import parse_size
 
 #: ``--iters auto``: about this many bytes per timed loop, within the bounds below.
 AUTO_BYTES_PER_LOOP = 1 << 30
 AUTO_MIN_ITERS = 5
 AUTO_MAX_ITERS = 200
-
-
-def parse_size(text: str) -> int:
-    """Parse one size such as ``4``, ``1K``, ``64M`` or ``1GiB`` into bytes.
-
-    Raises:
-        ValueError: the text is not a non-negative integer with an optional
-            K/M/G/T suffix.
-    """
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"invalid size {text!r}: expected bytes with an optional K/M/G suffix, e.g. 4, 1K, 64M")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 def parse_size_list(text: str) -> list[int]:
