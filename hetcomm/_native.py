@@ -50,22 +50,17 @@ def _apply_env_log_level() -> None:
 
 
 def init() -> None:
-    """Resolves libzmq and installs the log bridge (idempotent)."""
+    """Resolves libzmq and installs the log bridge once; every call passes the
+    "hetcomm" logger's current level down to C, so logging configured after
+    ``import hetcomm`` applies to communicators made afterwards."""
     global _initialized
     with _init_lock:
-        if _initialized:
-            return
-        _apply_env_log_level()
-        path = _zmq_backend.__file__.encode()
-        check(lib.hc_init(path, 0), "hc_init")
-        lib.hc_set_logger(lib.hc_python_log, ffi.NULL, _effective_level())
-        atexit.register(lib.hc_set_logger, ffi.NULL, ffi.NULL, 0)
-        _initialized = True
-
-
-def refresh_log_level() -> None:
-    """Passes the current level of the "hetcomm" logger down to C."""
-    if _initialized:
+        if not _initialized:
+            _apply_env_log_level()
+            path = _zmq_backend.__file__.encode()
+            check(lib.hc_init(path, 0), "hc_init")
+            atexit.register(lib.hc_set_logger, ffi.NULL, ffi.NULL, 0)
+            _initialized = True
         lib.hc_set_logger(lib.hc_python_log, ffi.NULL, _effective_level())
 
 
