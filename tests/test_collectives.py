@@ -170,7 +170,7 @@ def _rooted_and_gathers(rank: int, size: int, count: int) -> dict:
                 np.testing.assert_array_equal(g, np.stack(data))
             blocks = np.concatenate(data) if rank == root else None
             got = comm.scatter(blocks, np.empty(count, np.int32), root=root)
-            np.testing.assert_array_equal(got, data[root] * 0 + data[rank] if False else np.split(np.concatenate(data), size)[rank])
+            np.testing.assert_array_equal(got, data[rank])  # block `rank` of the root's concatenated blocks
 
         ag = comm.allgather(data[rank])
         np.testing.assert_array_equal(ag, np.stack(data))
@@ -304,3 +304,30 @@ def _two_communicators(rank: int, size: int) -> None:
 @pytest.mark.timeout(60)
 def test_two_communicators_concurrently():
     run_ranks(_two_communicators, 3, timeout=50)
+
+
+def _debug_after_import(rank: int, size: int) -> list:
+    import logging
+
+    import hetcomm
+
+    seen = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("hetcomm")
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    with hetcomm.Communicator(rank, size, timeout=60) as comm:
+        comm.allreduce(np.ones(4, np.float32))
+    quiet = list(seen)
+    log.setLevel(logging.DEBUG)  # set after the first communicator: applies to the next one
+    with hetcomm.Communicator(rank, size, timeout=60) as comm:
+        comm.allreduce(np.ones(4, np.float32))
+    return [quiet, seen]
+
+
+@pytest.mark.timeout(60)
+def test_logger_level_set_later_reaches_the_core():
+    (quiet, seen), = run_ranks(_debug_after_import, 1, timeout=50)
+    assert not any("allreduce #" in m for m in quiet)
+    assert any("allreduce #" in m for m in seen), seen
