@@ -1,7 +1,7 @@
 """DDP training across two emulated data centres: gloo against hetcomm.
 
 Builds 2 sites x 2 ranks in network namespaces joined by a tbf-limited WAN
-(hetcomm.bench.netns; needs root), trains the same MLP on the same data for
+(hetcomm.testbed.netns; needs root), trains the same MLP on the same data for
 a fixed number of steps, once with gloo and once with hetcomm (hierarchical
 allreduce, int8 gradients with error feedback on the inter-site leg), and
 reports step time and loss for both.
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--codec", default="int8")
     ap.add_argument("--json", help="write the per-step results here")
     args = ap.parse_args()
-    from hetcomm.bench.netns import WanTestbed, available
+    from hetcomm.testbed.netns import WanTestbed, available
 
     ok, why = available()
     if not ok:

@@ -1,4 +1,4 @@
-"""Tests of the emulated WAN test bed (hetcomm.bench.netns).
+"""Tests of the emulated WAN test bed (hetcomm.testbed.netns).
 
 The netns tests need root, iproute2 and the veth/tbf kernel features; they
 are skipped with the reason from ``netns.available()`` otherwise.
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hetcomm.bench import netns, netns_probe
+from hetcomm.testbed import netns
+from hetcomm.testbed import probe as netns_probe
 
 ROOT = Path(netns.__file__).resolve().parents[2]
 OK, WHY = netns.available()
@@ -306,7 +307,7 @@ def _child(code: str) -> subprocess.Popen[str]:
 
 _CHILD_BED = """
     import sys, time
-    from hetcomm.bench.netns import WanTestbed
+    from hetcomm.testbed.netns import WanTestbed
     tb = WanTestbed(2, 1, "100mbit", prefix=sys.argv[1] if len(sys.argv) > 1 else "{prefix}").start()
     p = tb.popen(0, ["sleep", "1000"])
     print(tb.name, p.pid, flush=True)

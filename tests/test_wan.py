@@ -1,5 +1,5 @@
 """hetcomm on the emulated WAN: 2 sites x 2 ranks in network namespaces joined
-by tbf-limited links (hetcomm.bench.netns). Needs root; skipped otherwise."""
+by tbf-limited links (hetcomm.testbed.netns). Needs root; skipped otherwise."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from hetcomm.bench import netns
+from hetcomm.testbed import netns
 
 pytestmark = [pytest.mark.netns]
 

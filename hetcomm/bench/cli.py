@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     r.add_argument("--json", metavar="FILE", help="write machine info, arguments and every row as JSON")
     r.add_argument("--sites", type=int, help="WAN testbed: spread ranks over N sites in network namespaces "
-                                             "(needs root; see hetcomm.bench.netns)")
+                                             "(needs root; see hetcomm.testbed.netns)")
     r.add_argument("--wan-rate", help="WAN testbed: link rate between sites, e.g. 1gbit (with --sites)")
     r.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging on stderr (-v: rank output, -vv: debug)")

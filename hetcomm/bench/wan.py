@@ -1,6 +1,6 @@
 """Ranks of hetcomm-bench on the emulated WAN: ``--sites N --wan-rate R``.
 
-Adapts :class:`hetcomm.bench.netns.WanTestbed` to the bench's Launcher: rank r
+Adapts :class:`hetcomm.testbed.netns.WanTestbed` to the bench's Launcher: rank r
 runs in site r // (world_size / N), rendezvous is on rank 0's site address,
 and ranks get HETCOMM_SITE (so hetcomm knows the topology) and
 GLOO_SOCKET_IFNAME (so gloo binds the site's WAN interface).
@@ -12,7 +12,7 @@ import subprocess
 from typing import Any
 
 from .launcher import Launcher, LauncherUnavailable
-from .netns import WanTestbed, available
+from hetcomm.testbed.netns import WanTestbed, available
 
 
 class WanLauncher(Launcher):

@@ -1,10 +1,10 @@
-"""Measuring an emulated WAN (:class:`hetcomm.bench.netns.WanTestbed`): raw link
+"""Measuring an emulated WAN (:class:`hetcomm.testbed.netns.WanTestbed`): raw link
 throughput between two sites, and gloo's all_reduce across the bed as a baseline.
 
-    python -m hetcomm.bench.netns_probe check       # can a bed be built here?
-    python -m hetcomm.bench.netns_probe cleanup     # remove namespaces of crashed runs
-    python -m hetcomm.bench.netns_probe measure --rate 1gbit
-    python -m hetcomm.bench.netns_probe allreduce --rate 1gbit --mib 64
+    python -m hetcomm.testbed check       # can a bed be built here?
+    python -m hetcomm.testbed cleanup     # remove namespaces of crashed runs
+    python -m hetcomm.testbed measure --rate 1gbit
+    python -m hetcomm.testbed allreduce --rate 1gbit --mib 64
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterable
 from typing import IO, Any
 
-from . import netns
-from .netns import NetnsError, WanTestbed, available, cleanup_stale, netem_available
+from hetcomm.testbed import netns
+from hetcomm.testbed.netns import NetnsError, WanTestbed, available, cleanup_stale, netem_available
 
 logger = logging.getLogger("hetcomm.netns")
 
@@ -287,7 +287,7 @@ def run_gloo_allreduce(testbed: WanTestbed, nbytes: int = 4096, iters: int = 3, 
 
 
 # --------------------------------------------------------------------------
-# Command line: python -m hetcomm.bench.netns_probe {check,cleanup,measure,allreduce}
+# Command line: python -m hetcomm.testbed {check,cleanup,measure,allreduce}
 # --------------------------------------------------------------------------
 
 
@@ -296,7 +296,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     ``measure`` (link throughput) and ``allreduce`` (gloo baseline)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m hetcomm.bench.netns_probe", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hetcomm.testbed", description=__doc__.split("\n")[0])
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--prefix", default="hc")
     sub = ap.add_subparsers(dest="cmd", required=True)
