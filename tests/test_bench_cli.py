@@ -371,7 +371,7 @@ def test_ctrl_c_stops_every_rank(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_hetcomm_numpy_backend_is_correct():
-    p = bench("--backend", "hetcomm", *TINY)
+    p = bench("--backend", "hetcomm", "--compare", "none", *TINY)
     assert p.returncode == 0, p.stderr
     tables = parse_table(p.stdout)
     assert list(tables) == ALL_OPS
@@ -399,7 +399,8 @@ def test_hetcomm_compare_gloo(tmp_path):
 @pytest.mark.parametrize("codec,via", [("fp16", "numpy"), ("int8", "numpy"), ("int8", "torch")])
 def test_hetcomm_codecs_within_tolerance(codec, via, tmp_path):
     out_json = tmp_path / "res.json"
-    p = bench("--codec", codec, "--via", via, "--ops", "allreduce,reduce_scatter", "--sizes", "1K,1M",
+    p = bench("--codec", codec, "--via", via, "--compare", "none", "--ops", "allreduce,reduce_scatter",
+              "--sizes", "1K,1M",
               "--iters", "3", "--json", str(out_json))
     assert p.returncode == 0, p.stderr
     doc = json.loads(out_json.read_text())
@@ -456,3 +457,126 @@ def test_run_world_with_a_custom_launcher():
                                                           ("alltoall", 0), ("alltoall", 1)]
     assert all(m["wrong"] == 0 for m in rows)
     assert {m["rank"] for m in msgs if m["type"] == "ready"} == {0, 1}
+
+
+# ---------------------------------------------------------------- what a new user sees
+
+
+@pytest.mark.timeout(30)
+def test_no_arguments_mean_a_quick_run_beside_gloo():
+    from hetcomm.bench.cli import QUICK_BYTES_PER_LOOP, QUICK_SIZES, build_parser, resolve
+
+    opts = resolve(build_parser().parse_args([]))
+    assert opts.primary.backend == "hetcomm" and opts.compare is not None and opts.compare.backend == "gloo"
+    assert opts.ops == ALL_OPS and opts.sizes == parse_size_list(QUICK_SIZES)
+    assert max(opts.sizes) <= 16 << 20
+    assert {c.iters for c in opts.cases if c.size == 16 << 20} == {auto_iters(16 << 20, QUICK_BYTES_PER_LOOP)}
+    full = resolve(build_parser().parse_args(["--full", "--compare", "none"]))
+    assert full.compare is None and full.sizes == size_range(4, 256 << 20, 4)
+    assert {c.iters for c in full.cases if c.size == 16 << 20} == {auto_iters(16 << 20)}
+
+
+@pytest.mark.timeout(240)
+def test_default_compare_summary_and_plot(tmp_path):
+    """hetcomm beside gloo without asking, an x gloo column, a one-line summary, a picture; no bar on a pipe."""
+    png = tmp_path / "busbw.png"
+    p = bench("--ops", "allreduce,allgather", *TINY, "--plot", str(png))
+    assert p.returncode == 0, p.stderr
+    tables = parse_table(p.stdout)
+    for rows in tables.values():
+        for r in rows:
+            wire, gloo_time, gloo_busbw, gloo_wrong, ratio = r["rest"]
+            assert gloo_wrong == "0" and float(ratio) == pytest.approx(float(gloo_time) / r["time"], rel=0.02)
+    assert "x gloo" in p.stdout
+    last = p.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("# summary: hetcomm vs gloo, 2 ranks, 5 cases in ")
+    assert "x gloo median" in last and "all results correct" in last
+    assert "\r" not in p.stderr  # stderr is a pipe here: no progress bar
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 100_000
+
+
+@pytest.mark.timeout(60)
+def test_plot_without_matplotlib_fails_before_running(tmp_path):
+    block = fault_dir(tmp_path, "import sys\nsys.modules['matplotlib'] = None\n")
+    p = bench("--backend", "gloo", *TINY, "--plot", str(tmp_path / "x.png"), pythonpath=[block])
+    assert p.returncode == 2 and p.stdout == ""
+    assert "plotting needs matplotlib: pip install 'hetcomm[plot]'" in p.stderr
+
+
+@pytest.mark.timeout(30)
+def test_progress_bar_draws_on_a_terminal_only():
+    import io
+
+    from hetcomm.bench.progress import Progress
+
+    term = io.StringIO()
+    bar = Progress(4, stream=term, enabled=True)
+    bar.update("gloo allreduce 4 B done", advance=1)
+    assert "\r[######------------------] 1/4 0:00  gloo allreduce 4 B done" in term.getvalue()
+    bar.clear()
+    assert term.getvalue().endswith("\r")
+    pipe = io.StringIO()  # StringIO is not a tty: the default is silence
+    quiet = Progress(4, stream=pipe)
+    quiet.update("x", advance=4)
+    quiet.clear()
+    assert pipe.getvalue() == "" and quiet.done == 4
+
+
+@pytest.mark.timeout(30)
+def test_summary_line():
+    from hetcomm.bench.table import summary_line
+
+    rows = [dict(op="allreduce", size=4, wrong=0, busbw_GBps=0.0, x_compare=3.0),
+            dict(op="allreduce", size=1 << 20, wrong=0, busbw_GBps=2.0, x_compare=0.5),
+            dict(op="broadcast", size=1 << 20, wrong=0, busbw_GBps=4.0, x_compare=5.0)]
+    assert summary_line(rows, "hetcomm", "gloo", 2, 12.4) == (
+        "summary: hetcomm vs gloo, 2 ranks, 3 cases in 12 s: faster in 2/3, x gloo median 3.00 "
+        "(min 0.50 allreduce 1M, max 5.00 broadcast 1M); all results correct")
+    for r in rows:
+        del r["x_compare"]
+    rows[0]["wrong"] = 2
+    assert summary_line(rows, "gloo", None, 4, 3) == (
+        "summary: gloo, 4 ranks, 3 cases in 3 s: best busbw 4.00 GB/s (broadcast 1M); 2 wrong element(s)")
+
+
+def _doc(sites: int | None, codec: str, rows: list[tuple[str, int, float, float]]) -> dict:
+    """A hetcomm-bench JSON document with hetcomm rows (and gloo's inside them)."""
+    bed = {"description": "test", **({"sites": sites} if sites else {})}
+    out = []
+    for op, size, t_het, t_gloo in rows:
+        gloo = dict(op=op, size=size, backend="gloo", time_us=t_gloo, busbw_GBps=size / t_gloo / 1e3)
+        out.append(dict(op=op, size=size, backend="hetcomm", time_us=t_het, busbw_GBps=size / t_het / 1e3,
+                        compare=gloo, x_compare=t_gloo / t_het))
+    return {"world_size": 4, "testbed": bed, "rows": out,
+            "runs": [{"label": "gloo", "codec": "none"}, {"label": "hetcomm", "codec": codec}]}
+
+
+@pytest.mark.timeout(60)
+def test_plot_module_local_wan_and_loss(tmp_path):
+    from hetcomm.bench.plot import collect_series, main, plot_loss_vs_time, plot_results
+
+    local = _doc(None, "none", [("allreduce", 1024, 10.0, 30.0), ("allreduce", 4096, 20.0, 50.0)])
+    series = collect_series([local])
+    assert series["allreduce"]["hetcomm"] == [(1024, pytest.approx(0.1024), 10.0),
+                                              (4096, pytest.approx(0.2048), 20.0)]
+    assert [s for s, _, _ in series["allreduce"]["gloo"]] == [1024, 4096]
+    wan = [_doc(2, c, [("allreduce", 16 << 20, t, 2e5)]) for c, t in (("none", 1.5e5), ("int8", 4e4))]
+    series = collect_series(wan)
+    assert sorted(series["allreduce"]) == ["gloo", "hetcomm", "hetcomm int8"]
+    assert len(series["allreduce"]["gloo"]) == 1  # the same gloo rows of both runs count once
+    for name, docs in (("local.png", [local]), ("wan.png", wan)):
+        path = plot_results(docs, tmp_path / name)
+        assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size < 100_000
+    files = []
+    for i, d in enumerate(wan):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(d))
+    assert main([str(tmp_path / "both.svg"), *map(str, files)]) == 0
+    assert (tmp_path / "both.svg").read_text().lstrip().startswith("<?xml")
+    loss = plot_loss_vs_time({"DDP": ([0, 1, 2], [2.3, 1.5, 1.1]), "DiLoCo": ([0, 0.5, 1], [2.3, 1.7, 1.2])},
+                             tmp_path / "loss.png", title="t")
+    assert loss.stat().st_size > 1000
+    with pytest.raises(ValueError, match="3 times but 2 losses"):
+        plot_loss_vs_time({"bad": ([0, 1, 2], [1, 2])}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="no rows"):
+        plot_results([{"rows": []}], tmp_path / "empty.png")

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +23,20 @@ from .collectives import CODECS, COLLECTIVES, Case, DType, build_plan, parse_dty
 from .launcher import Launcher, LauncherUnavailable, RankFailure, make_launcher, run_world
 from .results import Collector, Row, machine_info, now_iso, write_json
 from .runner import RankConfig
-from .sizes import AUTO_MAX_ITERS, AUTO_MIN_ITERS, format_size, parse_size, parse_size_list, size_range
-from .table import SIZE_CONVENTION, TIMING_CONVENTION, TableWriter
+from .plot import PlotUnavailable, plot_results, require_matplotlib
+from .progress import Progress
+from .sizes import (AUTO_BYTES_PER_LOOP, AUTO_MAX_ITERS, AUTO_MIN_ITERS, format_size, parse_size,
+                    parse_size_list, size_range)
+from .table import SIZE_CONVENTION, TIMING_CONVENTION, TableWriter, summary_line
 
 log = logging.getLogger("hetcomm.bench.cli")
 
 BACKENDS = ("hetcomm", "gloo")
 DEFAULT_VIA = {"hetcomm": "numpy", "gloo": "torch"}
 DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE, DEFAULT_STEP_FACTOR = "4", "256M", 4
+#: the run with no size option: a few sizes and shorter timed loops, about half a minute with gloo
+QUICK_SIZES = "4,256,16K,256K,1M,4M,16M"
+QUICK_BYTES_PER_LOOP = 256 << 20
 EXIT_OK, EXIT_WRONG, EXIT_USAGE, EXIT_RANK_FAILED, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
 
 DESCRIPTION = "\n\n".join(textwrap.fill(t, 79) for t in (
@@ -44,11 +51,12 @@ DESCRIPTION = "\n\n".join(textwrap.fill(t, 79) for t in (
 
 EPILOG = """\
 examples:
-  hetcomm-bench                                   hetcomm, 2 ranks, all ops, 4 B .. 256 MiB
-  hetcomm-bench --backend gloo                    the gloo baseline
-  hetcomm-bench --compare gloo --ops allreduce    side by side, with "x gloo" = gloo time / hetcomm time
+  hetcomm-bench                                   quick look: hetcomm beside gloo, 2 ranks, all ops, 4 B .. 16 MiB
+  hetcomm-bench --full --plot busbw.png           4 B .. 256 MiB in steps of 4, and a picture of busbw
+  hetcomm-bench --compare none                    hetcomm alone
+  hetcomm-bench --backend gloo                    the gloo baseline alone
   hetcomm-bench --backend gloo -n 4 --ops allreduce --min-size 16M --max-size 256M
-  hetcomm-bench --codec int8 --compare gloo --json out.json
+  hetcomm-bench --codec int8 --ops allreduce --json out.json
 
 exit status: 0 ok, 1 wrong results, 2 bad arguments or backend unavailable,
 3 a rank failed or stalled, 130 interrupted, 141 stdout closed early.
@@ -65,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--via", choices=("numpy", "torch"),
                    help="hetcomm through its numpy Communicator (default for hetcomm) or through "
                         "torch.distributed (init_process_group(BACKEND); the only path for gloo)")
-    g.add_argument("--compare", choices=BACKENDS, metavar="{gloo,hetcomm}",
+    g.add_argument("--compare", choices=BACKENDS + ("none",), metavar="{gloo,hetcomm,none}",
                    help="also run this backend (same sizes, same machine, one after the other) and "
-                        "print its time/busbw beside each row, plus 'x OTHER' = OTHER's time / this time")
+                        "print its time/busbw beside each row, plus 'x OTHER' = OTHER's time / this time "
+                        "(default: gloo beside hetcomm when torch is installed; none: one backend alone)")
     g.add_argument("-n", "--world-size", type=int, default=2, help="number of ranks (default: %(default)s)")
     g.add_argument("-o", "--ops", default="all",
                    help=f"comma-separated collectives, or 'all' (default): {', '.join(COLLECTIVES)}")
@@ -84,14 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "magnitude <= n*M are quantized, plus one error-feedback residual carried in. "
                         "All ranks must still agree bit for bit")
     s = p.add_argument_group("sizes and iterations")
-    s.add_argument("--sizes", help="comma-separated sizes in bytes, e.g. 4,1K,1M,64M (instead of a range)")
+    s.add_argument("--sizes", help="comma-separated sizes in bytes, e.g. 4,1K,1M,64M (instead of a range; "
+                                   f"default with no size option: the quick set {QUICK_SIZES})")
+    s.add_argument("--full", action="store_true",
+                   help="the full range 4 B .. 256 MiB in steps of 4 (what --min-size, --max-size and "
+                        "--step-factor default to)")
     s.add_argument("--min-size", help="smallest size of the range (default: 4)")
     s.add_argument("--max-size", help="largest size of the range, included when on the progression "
                                       "(default: 256M)")
     s.add_argument("--step-factor", type=int, help="integer factor between sizes of the range (default: 4)")
     s.add_argument("--iters", type=int,
                    help=f"timed iterations per size (default: auto = clamp(1 GiB / size, "
-                        f"{AUTO_MIN_ITERS}, {AUTO_MAX_ITERS}))")
+                        f"{AUTO_MIN_ITERS}, {AUTO_MAX_ITERS}); 256 MiB / size for the quick set)")
     s.add_argument("--warmup", type=int,
                    help="untimed iterations before timing (default: auto = clamp(iters // 10, 1, 20))")
     s.add_argument("--no-check", action="store_true",
@@ -103,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "all ranks are killed when none reports progress for 1.25*TIMEOUT+5 s "
                         "(default: %(default)s)")
     r.add_argument("--json", metavar="FILE", help="write machine info, arguments and every row as JSON")
+    r.add_argument("--plot", metavar="FILE.png",
+                   help="draw busbw against size per collective, one line per backend (runs with "
+                        "--sites: time per size as bars); needs matplotlib (pip install 'hetcomm[plot]'). "
+                        "python -m hetcomm.bench.plot OUT.png A.json B.json ... combines several --json runs")
     r.add_argument("--sites", type=int, help="WAN testbed: spread ranks over N sites in network namespaces "
                                              "(needs root; see hetcomm.testbed.netns)")
     r.add_argument("--wan-rate", help="WAN testbed: link rate between sites, e.g. 1gbit (with --sites)")
@@ -151,14 +168,17 @@ def resolve(args: argparse.Namespace) -> Options:
         raise ValueError("--world-size must be at least 1")
     dtype = parse_dtype(args.dtype)
     ops = parse_ops(args.ops)
+    range_given = [o for o, v in (("--min-size", args.min_size), ("--max-size", args.max_size),
+                                  ("--step-factor", args.step_factor)) if v is not None]
+    bytes_per_loop = AUTO_BYTES_PER_LOOP
     if args.sizes is not None:
-        range_given = [o for o, v in (("--min-size", args.min_size), ("--max-size", args.max_size),
-                                      ("--step-factor", args.step_factor)) if v is not None]
-        if range_given:
-            raise ValueError(f"--sizes cannot be combined with {' / '.join(range_given)}")
+        if range_given or args.full:
+            raise ValueError(f"--sizes cannot be combined with {' / '.join(range_given or ['--full'])}")
         sizes = parse_size_list(args.sizes)
         if any(s <= 0 for s in sizes):
             raise ValueError("--sizes: every size must be at least 1 byte")
+    elif not (range_given or args.full):
+        sizes, bytes_per_loop = parse_size_list(QUICK_SIZES), QUICK_BYTES_PER_LOOP
     else:
         sizes = size_range(parse_size(args.min_size or DEFAULT_MIN_SIZE),
                            parse_size(args.max_size or DEFAULT_MAX_SIZE),
@@ -181,6 +201,8 @@ def resolve(args: argparse.Namespace) -> Options:
     via = args.via or DEFAULT_VIA[args.backend]
     if args.backend == "gloo" and via != "torch":
         raise ValueError("--backend gloo runs through torch.distributed only (--via torch)")
+    compare = _default_compare(args, dtype) if args.compare is None else args.compare
+    args.compare = None if compare == "none" else compare
     if args.compare is not None and args.compare == args.backend:
         raise ValueError(f"--compare {args.compare}: --backend is already {args.backend}; "
                          "nothing to compare (pick the other backend)")
@@ -199,11 +221,25 @@ def resolve(args: argparse.Namespace) -> Options:
     for run in (primary, compare):
         if run is not None:
             check_backend(run.backend, run.via, dtype, run.codec)
-    cases, notes = build_plan(ops, sizes, dtype, n, args.iters, args.warmup)
+    if args.plot:
+        require_matplotlib()
+    cases, notes = build_plan(ops, sizes, dtype, n, args.iters, args.warmup, bytes_per_loop)
     if not cases:
         raise ValueError("no case left to run: every size is smaller than one element "
                          "(per rank, for allgather/reduce_scatter/alltoall)")
     return Options(primary, compare, n, dtype, ops, sizes, cases, notes)
+
+
+def _default_compare(args: argparse.Namespace, dtype: DType) -> str:
+    """gloo beside hetcomm when it can run here, else nothing (said at INFO)."""
+    if args.backend != "hetcomm":
+        return "none"
+    try:
+        check_backend("gloo", "torch", dtype, "none")
+    except BackendUnavailable as exc:
+        log.info("running hetcomm alone: gloo cannot run beside it here (%s)", exc)
+        return "none"
+    return "gloo"
 
 
 def stall_timeout(timeout: float) -> float:
@@ -279,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = resolve(args)
         launcher = make_launcher(args.sites, args.wan_rate, opts.world_size)
-    except (ValueError, BackendUnavailable, LauncherUnavailable) as exc:
+    except (ValueError, BackendUnavailable, LauncherUnavailable, PlotUnavailable) as exc:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -295,12 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     writer = TableWriter(sys.stdout, opts.primary.label, opts.compare.label if opts.compare else None,
                          show_wire=opts.primary.backend == "hetcomm" and opts.primary.via == "numpy")
     other: dict[tuple[str, int], Row] = {}
+    runs = [(opts.compare, True)] if opts.compare else []
+    runs.append((opts.primary, False))
+    progress = Progress(len(runs) * len(opts.cases), enabled=None if not args.quiet else False)
+    started = time.monotonic()
     rc = EXIT_OK
     try:
         with launcher:
             _preamble(writer, opts, args, launcher, doc["machine"])
-            runs = [(opts.compare, True)] if opts.compare else []
-            runs.append((opts.primary, False))
             for run, is_baseline in runs:
                 record: dict[str, Any] = {"backend": run.backend, "via": run.via, "codec": run.codec,
                                           "label": run.label, "role": "compare" if is_baseline else "primary"}
@@ -312,12 +350,15 @@ def main(argv: list[str] | None = None) -> int:
                     def on_row(row: Row) -> None:
                         other[(row.op, row.size)] = row
                         log.debug("%s %s %d B: %.2f us", row.backend, row.op, row.size, row.time_us)
+                        progress.update(f"{run.label} {row.op} {format_size(row.size)} B done", advance=1)
                 else:
                     log.info("running %s (%d cases)", run.label, len(opts.cases))
 
                     def on_row(row: Row) -> None:
                         cmp = other.get((row.op, row.size))
+                        progress.clear()
                         writer.row(row, cmp)
+                        progress.update(f"{run.label} {row.op} {format_size(row.size)} B done", advance=1)
                         d = row.to_dict()
                         if opts.compare:
                             d["compare"] = cmp.to_dict() if cmp else None
@@ -326,11 +367,16 @@ def main(argv: list[str] | None = None) -> int:
 
                 collector = Collector(opts.world_size, opts.dtype, args.root, run.label, on_row)
                 record["rows_done"] = 0
+                progress.update(f"starting {opts.world_size} ranks of {run.label}")
                 run_world(launcher, opts.world_size, _rank_config(run, opts, args, rank_level),
                           stall_timeout(args.timeout), collector.feed)
                 record["ranks"] = [collector.ranks[r] for r in sorted(collector.ranks)]
                 record["rows_done"] = len(collector.rows)
+            progress.clear()
             writer.finish()
+            writer.comment(summary_line(doc["rows"], opts.primary.label,
+                                        opts.compare.label if opts.compare else None,
+                                        opts.world_size, time.monotonic() - started))
         doc["status"] = "ok"
         if writer.wrong_total or writer.disagree:
             doc["status"] = "wrong"
@@ -338,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("results were wrong: %d element(s)%s", writer.wrong_total,
                       f"; ranks not bit-identical in {len(writer.disagree)} case(s)" if writer.disagree else "")
     except RankFailure as exc:
+        progress.clear()
         sys.stdout.flush()
         doc["status"], doc["error"] = "failed", str(exc)
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
@@ -352,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["status"], doc["error"] = "interrupted", "stdout closed"
         rc = EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
+        progress.clear()
         sys.stdout.flush()
         doc["status"], doc["error"] = "interrupted", "interrupted (Ctrl-C); all ranks stopped"
         print(f"{parser.prog}: interrupted; all ranks stopped", file=sys.stderr)
@@ -363,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(args.json, doc)
             except OSError as exc:
                 print(f"{parser.prog}: error: cannot write --json {args.json}: {exc}", file=sys.stderr)
+                rc = rc or EXIT_USAGE
+        if args.plot and doc["rows"]:
+            try:
+                log.info("wrote %s", plot_results([doc], args.plot))
+            except (OSError, ValueError) as exc:
+                print(f"{parser.prog}: error: cannot write --plot {args.plot}: {exc}", file=sys.stderr)
                 rc = rc or EXIT_USAGE
     return rc
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
-from .sizes import auto_iters, auto_warmup, format_size
+from .sizes import AUTO_BYTES_PER_LOOP, auto_iters, auto_warmup, format_size
 
 
 @dataclass(frozen=True)
@@ -208,13 +208,15 @@ class Case:
 
 
 def build_plan(ops: Iterable[str], sizes: Iterable[int], dtype: DType, world_size: int,
-               iters: int | None, warmup: int | None) -> tuple[list[Case], list[str]]:
+               iters: int | None, warmup: int | None,
+               bytes_per_loop: int = AUTO_BYTES_PER_LOOP) -> tuple[list[Case], list[str]]:
     """Turn ops x sizes into cases, op-major, sizes in the given order.
 
     Sizes are rounded down to whole elements, and for split collectives to a
     whole number of elements per rank; a size that rounds to zero is skipped
     and a duplicate after rounding is dropped. ``iters``/``warmup`` of None
-    mean "auto" (see :func:`hetcomm.bench.sizes.auto_iters`).
+    mean "auto" (see :func:`hetcomm.bench.sizes.auto_iters`, which ``bytes_per_loop``
+    is passed to).
 
     Returns:
         (cases, notes): notes say what was rounded or skipped, for logging.
@@ -238,7 +240,7 @@ def build_plan(ops: Iterable[str], sizes: Iterable[int], dtype: DType, world_siz
             if rounded in seen:
                 continue
             seen.add(rounded)
-            it = iters if iters is not None else auto_iters(rounded)
+            it = iters if iters is not None else auto_iters(rounded, bytes_per_loop)
             wu = warmup if warmup is not None else auto_warmup(it)
             cases.append(Case(op, rounded, rounded // dtype.itemsize, it, wu))
     return cases, notes

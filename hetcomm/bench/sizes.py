@@ -49,14 +49,14 @@ def size_range(min_size: int, max_size: int, factor: int) -> list[int]:
     return sizes
 
 
-def auto_iters(size: int) -> int:
+def auto_iters(size: int, bytes_per_loop: int = AUTO_BYTES_PER_LOOP) -> int:
     """Timed iterations for one size when ``--iters`` is not given.
 
-    ``clamp(1 GiB / size, 5, 200)``: 200 for everything up to 4 MiB, then
-    fewer so that each timed loop moves about 1 GiB (64 at 16 MiB, 16 at
-    64 MiB, 5 at 256 MiB).
+    ``clamp(bytes_per_loop / size, 5, 200)``; with the default 1 GiB: 200 for
+    everything up to 4 MiB, then fewer so that each timed loop moves about
+    1 GiB (64 at 16 MiB, 16 at 64 MiB, 5 at 256 MiB).
     """
-    return max(AUTO_MIN_ITERS, min(AUTO_MAX_ITERS, AUTO_BYTES_PER_LOOP // max(size, 1)))
+    return max(AUTO_MIN_ITERS, min(AUTO_MAX_ITERS, bytes_per_loop // max(size, 1)))
 
 
 def auto_warmup(iters: int) -> int:

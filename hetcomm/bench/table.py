@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TextIO
 
 from .results import Row
+from .sizes import format_size
 
 SIZE_CONVENTION = (
     "size(B) is the whole buffer a rank handles, as in nccl-tests: the buffer for allreduce and "
@@ -138,3 +139,29 @@ class TableWriter:
         if self.disagree:
             self.comment("Ranks NOT bit-identical: " + "; ".join(self.disagree))
         self.comment()
+
+
+def summary_line(rows: list[dict], label: str, compare_label: str | None, world_size: int,
+                 seconds: float) -> str:
+    """The run in one line: how the backends compared (or the best busbw), whether all was right.
+
+    ``rows`` are the JSON rows of the run (``x_compare`` set when compared).
+    """
+    wrong = sum(r.get("wrong") or 0 for r in rows)
+    lead = f"summary: {label}" + (f" vs {compare_label}" if compare_label else "")
+    lead += f", {world_size} ranks, {len(rows)} cases in {seconds:.0f} s"
+    verdict = "all results correct" if wrong == 0 else f"{wrong} wrong element(s)"
+    ratios = sorted((r["x_compare"], r["op"], r["size"]) for r in rows if r.get("x_compare"))
+    if ratios:
+        faster = sum(1 for x, _, _ in ratios if x > 1.0)
+        median = ratios[len(ratios) // 2][0] if len(ratios) % 2 else \
+            (ratios[len(ratios) // 2 - 1][0] + ratios[len(ratios) // 2][0]) / 2
+        (lo, lo_op, lo_size), (hi, hi_op, hi_size) = ratios[0], ratios[-1]
+        return (f"{lead}: faster in {faster}/{len(ratios)}, x {compare_label} median {median:.2f} "
+                f"(min {lo:.2f} {lo_op} {format_size(lo_size)}, max {hi:.2f} {hi_op} {format_size(hi_size)}); "
+                f"{verdict}")
+    if rows:
+        best = max(rows, key=lambda r: r["busbw_GBps"])
+        return (f"{lead}: best busbw {best['busbw_GBps']:.2f} GB/s ({best['op']} {format_size(best['size'])}); "
+                f"{verdict}")
+    return f"{lead}; {verdict}"
