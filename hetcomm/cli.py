@@ -1,4 +1,4 @@
-"""The ``hetcomm`` command: key generation and a look at the installation."""
+"""The ``hetcomm`` command: key generation, a look at the installation, and a check-up for runs across sites."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,26 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from hetcomm import doctor
+
+    if args.serve:
+        def ready(port: int) -> None:
+            print(f"hetcomm doctor: serving link tests on {args.bind}:{port} (Ctrl-C to stop); on the other "
+                  f"site run: hetcomm doctor --peer {socket.gethostname()}:{port}", flush=True)
+
+        try:
+            doctor.serve(args.bind, args.port, on_ready=ready)
+        except KeyboardInterrupt:
+            pass
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {args.bind}:{args.port}: {exc.strerror or exc}") from None
+        return 0
+    if args.seconds <= 0:
+        raise ValueError("--seconds must be positive")
+    return doctor.diagnose(args.peer, args.seconds, torch=not args.no_torch)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hetcomm`` console script."""
     parser = argparse.ArgumentParser(prog="hetcomm", description=__doc__)
@@ -59,9 +79,27 @@ def main(argv: list[str] | None = None) -> int:
     k.set_defaults(fn=_keygen)
     i = sub.add_parser("info", help="versions, the SIMD level of the kernels, and the settings this environment gives")
     i.set_defaults(fn=_info)
+    d = sub.add_parser("doctor", help="check this host for runs across sites; with --peer, measure the link",
+                       description="Checks the site label, socket-buffer limits against the WAN's "
+                                   "bandwidth-delay product, CURVE keys and the torch shim; with --peer, "
+                                   "measures round trip and throughput (plain TCP, 1-8 streams) to a host "
+                                   "running `hetcomm doctor --serve` and suggests HETCOMM_STREAMS, "
+                                   "HETCOMM_WAN_BANDWIDTH and HETCOMM_WAN_RTT. Exit status 1 if a check failed.")
+    d.add_argument("--peer", metavar="HOST[:PORT]", help="measure the link to this host (runs --serve)")
+    d.add_argument("--serve", action="store_true", help="answer another host's --peer tests until Ctrl-C")
+    d.add_argument("--port", type=int, default=None, help="--serve: port to listen on (default 29556)")
+    d.add_argument("--bind", default="0.0.0.0", help="--serve: address to listen on (default %(default)s)")
+    d.add_argument("--seconds", type=float, default=2.0,
+                   help="--peer: seconds per throughput test, 4 tests (default %(default)s)")
+    d.add_argument("--no-torch", action="store_true", help="skip building the torch shim")
+    d.set_defaults(fn=_doctor)
     args = parser.parse_args(argv)
     if args.command == "keygen" and not args.name:
         args.name = socket.gethostname()
+    if args.command == "doctor" and args.port is None:
+        from hetcomm.doctor import DEFAULT_PORT
+
+        args.port = DEFAULT_PORT
     try:
         return args.fn(args)
     except (FileExistsError, ValueError) as exc:
