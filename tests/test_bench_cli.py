@@ -480,8 +480,11 @@ def test_no_arguments_mean_a_quick_run_beside_gloo():
 def test_default_compare_summary_and_plot(tmp_path):
     """hetcomm beside gloo without asking, an x gloo column, a one-line summary, a picture; no bar on a pipe."""
     png = tmp_path / "busbw.png"
+    package_files = {f for f in (ROOT / "hetcomm").rglob("*") if "__pycache__" not in f.parts}
     p = bench("--ops", "allreduce,allgather", *TINY, "--plot", str(png))
     assert p.returncode == 0, p.stderr
+    # results go where asked, never into the package
+    assert {f for f in (ROOT / "hetcomm").rglob("*") if "__pycache__" not in f.parts} == package_files
     tables = parse_table(p.stdout)
     for rows in tables.values():
         for r in rows:
