@@ -53,16 +53,18 @@ def _doctor(args: argparse.Namespace) -> int:
     from hetcomm import doctor
 
     if args.serve:
-        def ready(port: int) -> None:
-            print(f"hetcomm doctor: serving link tests on {args.bind}:{port} (Ctrl-C to stop); on the other "
-                  f"site run: hetcomm doctor --peer {socket.gethostname()}:{port}", flush=True)
-
         try:
-            doctor.serve(args.bind, args.port, on_ready=ready)
-        except KeyboardInterrupt:
-            pass
+            server = doctor.DoctorServer(args.bind, args.port)
         except OSError as exc:
             raise ValueError(f"cannot listen on {args.bind}:{args.port}: {exc.strerror or exc}") from None
+        print(f"hetcomm doctor: serving link tests on {args.bind}:{server.port} (Ctrl-C to stop); on the other "
+              f"site run: hetcomm doctor --peer {socket.gethostname()}:{server.port}", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.close()
         return 0
     if args.seconds <= 0:
         raise ValueError("--seconds must be positive")

@@ -237,21 +237,35 @@ def _handle(conn: socket.socket, peer: str, timeout: float) -> None:
                         peer)
 
 
-def serve(bind: str = "0.0.0.0", port: int = DEFAULT_PORT, stop: threading.Event | None = None,
-          on_ready: Callable[[int], None] | None = None, timeout: float = 60.0) -> None:
-    """Answer ``hetcomm doctor --peer`` until ``stop`` is set (or forever); one thread per connection."""
-    stop = stop or threading.Event()
-    with socket.create_server((bind, port), reuse_port=False) as srv:
-        srv.settimeout(0.5)  # to look at ``stop``; accept() itself blocks
-        if on_ready:
-            on_ready(srv.getsockname()[1])
-        while not stop.is_set():
+class DoctorServer:
+    """The other end of ``hetcomm doctor --peer``: one thread per connection.
+
+    ``serve_forever`` blocks in ``accept``; :meth:`close` (from another thread
+    or a signal handler) ends it.
+    """
+
+    def __init__(self, bind: str = "0.0.0.0", port: int = DEFAULT_PORT, timeout: float = 60.0):
+        self.sock = socket.create_server((bind, port))
+        self.port: int = self.sock.getsockname()[1]
+        self.timeout = timeout
+
+    def serve_forever(self) -> None:
+        """Answer link tests until :meth:`close`."""
+        while True:
             try:
-                conn, addr = srv.accept()
-            except socket.timeout:
-                continue
-            threading.Thread(target=_handle, args=(conn, f"{addr[0]}:{addr[1]}", timeout), daemon=True,
+                conn, addr = self.sock.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=_handle, args=(conn, f"{addr[0]}:{addr[1]}", self.timeout), daemon=True,
                              name="hetcomm-doctor-conn").start()
+
+    def close(self) -> None:
+        """Stop accepting (connections in progress finish on their own threads)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
 
 
 def _connect(host: str, port: int, mode: str, timeout: float) -> socket.socket:

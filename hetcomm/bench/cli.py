@@ -42,7 +42,9 @@ EXIT_OK, EXIT_WRONG, EXIT_USAGE, EXIT_RANK_FAILED, EXIT_INTERRUPTED, EXIT_BROKEN
 DESCRIPTION = "\n\n".join(textwrap.fill(t, 79) for t in (
     "Collective benchmark in the style of nccl-tests: spawns local ranks, times allreduce, broadcast, "
     "allgather, reduce_scatter and alltoall over a range of sizes, checks every result against a numpy "
-    "reference and prints a table per collective on stdout (logs on stderr).",
+    "reference and prints a table per collective on stdout (logs on stderr). With no arguments: a quick run "
+    "(4 B .. 16 MiB) of hetcomm beside gloo, with an 'x gloo' column, a progress bar on a terminal and a "
+    "one-line summary at the end.",
     SIZE_CONVENTION,
     TIMING_CONVENTION,
     "#wrong counts elements that differ from the reference, summed over ranks (exact, since the test data "
@@ -230,6 +232,11 @@ def resolve(args: argparse.Namespace) -> Options:
     return Options(primary, compare, n, dtype, ops, sizes, cases, notes)
 
 
+def _case(row: Row) -> str:
+    size = format_size(row.size)
+    return f"{row.op} {size}{' B' if size.isdigit() else ''}"
+
+
 def _default_compare(args: argparse.Namespace, dtype: DType) -> str:
     """gloo beside hetcomm when it can run here, else nothing (said at INFO)."""
     if args.backend != "hetcomm":
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rc = EXIT_OK
     try:
-        with launcher:
+        with launcher, progress:
             _preamble(writer, opts, args, launcher, doc["machine"])
             for run, is_baseline in runs:
                 record: dict[str, Any] = {"backend": run.backend, "via": run.via, "codec": run.codec,
@@ -350,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                     def on_row(row: Row) -> None:
                         other[(row.op, row.size)] = row
                         log.debug("%s %s %d B: %.2f us", row.backend, row.op, row.size, row.time_us)
-                        progress.update(f"{run.label} {row.op} {format_size(row.size)} B done", advance=1)
+                        progress.update(f"{run.label} {_case(row)} done", advance=1)
                 else:
                     log.info("running %s (%d cases)", run.label, len(opts.cases))
 
@@ -358,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                         cmp = other.get((row.op, row.size))
                         progress.clear()
                         writer.row(row, cmp)
-                        progress.update(f"{run.label} {row.op} {format_size(row.size)} B done", advance=1)
+                        progress.update(f"{run.label} {_case(row)} done", advance=1)
                         d = row.to_dict()
                         if opts.compare:
                             d["compare"] = cmp.to_dict() if cmp else None
@@ -384,7 +391,6 @@ def main(argv: list[str] | None = None) -> int:
             log.error("results were wrong: %d element(s)%s", writer.wrong_total,
                       f"; ranks not bit-identical in {len(writer.disagree)} case(s)" if writer.disagree else "")
     except RankFailure as exc:
-        progress.clear()
         sys.stdout.flush()
         doc["status"], doc["error"] = "failed", str(exc)
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
@@ -399,7 +405,6 @@ def main(argv: list[str] | None = None) -> int:
         doc["status"], doc["error"] = "interrupted", "stdout closed"
         rc = EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        progress.clear()
         sys.stdout.flush()
         doc["status"], doc["error"] = "interrupted", "interrupted (Ctrl-C); all ranks stopped"
         print(f"{parser.prog}: interrupted; all ranks stopped", file=sys.stderr)

@@ -6,6 +6,7 @@ wipes the bar before a table line is written and :meth:`Progress.update` redraws
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
@@ -41,6 +42,21 @@ class Progress:
         self.stream.write("\r" + line[:width].ljust(width))
         self.stream.flush()
         self._drawn = True
+
+    def __enter__(self) -> "Progress":
+        """While inside, every log record first wipes the bar (the next update redraws it)."""
+        for h in logging.getLogger().handlers:
+            h.addFilter(self._clear_filter)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+        for h in logging.getLogger().handlers:
+            h.removeFilter(self._clear_filter)
+
+    def _clear_filter(self, record: logging.LogRecord) -> bool:
+        self.clear()
+        return True
 
     def clear(self) -> None:
         """Erase the line (before something else is printed on the terminal)."""
