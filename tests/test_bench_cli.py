@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -533,13 +534,13 @@ def test_summary_line():
     rows = [dict(op="allreduce", size=4, wrong=0, busbw_GBps=0.0, x_compare=3.0),
             dict(op="allreduce", size=1 << 20, wrong=0, busbw_GBps=2.0, x_compare=0.5),
             dict(op="broadcast", size=1 << 20, wrong=0, busbw_GBps=4.0, x_compare=5.0)]
-    assert summary_line(rows, "hetcomm", "gloo", 2, 12.4) == (
+    assert summary_line(rows, ["hetcomm"], "gloo", 2, 12.4) == (
         "summary: hetcomm vs gloo, 2 ranks, 3 cases in 12 s: faster in 2/3, x gloo median 3.00 "
         "(min 0.50 allreduce 1M, max 5.00 broadcast 1M); all results correct")
     for r in rows:
         del r["x_compare"]
     rows[0]["wrong"] = 2
-    assert summary_line(rows, "gloo", None, 4, 3) == (
+    assert summary_line(rows, ["gloo"], None, 4, 3) == (
         "summary: gloo, 4 ranks, 3 cases in 3 s: best busbw 4.00 GB/s (broadcast 1M); 2 wrong element(s)")
 
 
@@ -584,3 +585,27 @@ def test_plot_module_local_wan_and_loss(tmp_path):
         plot_loss_vs_time({"bad": ([0, 1, 2], [1, 2])}, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="no rows"):
         plot_results([{"rows": []}], tmp_path / "empty.png")
+
+
+@pytest.mark.timeout(240)
+def test_several_codecs_in_one_run(tmp_path):
+    """--codec none,int8: hetcomm once per codec, each beside the one gloo run; one picture of all."""
+    out_json, png = tmp_path / "res.json", tmp_path / "codecs.png"
+    p = bench("--ops", "allreduce", "--sizes", "1K,1M", "--iters", "3", "--codec", "none,int8",
+              "--json", str(out_json), "--plot", str(png))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out_json.read_text())
+    assert [(r["label"], r["codec"]) for r in doc["runs"]] == [("gloo", "none"), ("hetcomm", "none"),
+                                                               ("hetcomm int8", "int8")]
+    rows = {(r["backend"], r["size"]): r for r in doc["rows"]}
+    assert sorted(rows) == [("hetcomm", 1024), ("hetcomm", 1 << 20), ("hetcomm int8", 1024), ("hetcomm int8", 1 << 20)]
+    assert all(r["compare"]["backend"] == "gloo" and r["wrong"] == 0 for r in rows.values())
+    assert rows[("hetcomm", 1 << 20)]["max_err"] == 0 and rows[("hetcomm int8", 1 << 20)]["max_err"] > 0
+    assert p.stdout.count("# allreduce") == 2 and re.search(r"<-+ hetcomm int8 -+> <-+ gloo -+>", p.stdout)
+    last = p.stdout.rstrip().splitlines()[-1]
+    assert re.match(r"# summary: hetcomm / hetcomm int8 vs gloo, 2 ranks, 4 cases in \d+ s: faster in \d/4, "
+                    r"x gloo median hetcomm [\d.]+, hetcomm int8 [\d.]+ ", last), last
+    from hetcomm.bench.plot import collect_series
+
+    assert sorted(collect_series([doc])["allreduce"]) == ["gloo", "hetcomm", "hetcomm int8"]
+    assert png.stat().st_size > 1000

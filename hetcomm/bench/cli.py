@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type: float32 (default), float64, float16, bfloat16 (--via torch only), "
                         "int8, int16, int32, int64, uint8, bool")
     g.add_argument("--root", type=int, default=0, help="broadcast root (default: %(default)s)")
-    g.add_argument("--codec", choices=CODECS, default="none",
-                   help="compression for hetcomm's allreduce and reduce_scatter (floating-point dtypes; "
+    g.add_argument("--codec", default="none", metavar="{" + ",".join(CODECS) + "}[,...]",
+                   help="compression for hetcomm's allreduce and reduce_scatter; a comma-separated list runs "
+                        "hetcomm once per codec, each beside the same gloo run (floating-point dtypes; "
                         "not applied to gloo; --via torch: the process group's default codec, "
                         "ProcessGroupOptions(codec=...)). Checking then accepts an absolute error per element of "
                         "2 * n^2 * M * eps with M = 2 (the data are integers in [-2, 2]) and eps = 2^-11 "
@@ -138,18 +139,21 @@ class Run:
     backend: str
     via: str
     codec: str
+    #: say the codec in the label (several codecs in one run)
+    show_codec: bool = False
 
     @property
     def label(self) -> str:
-        """Name in the table (``gloo``, ``hetcomm``, ``hetcomm/torch``)."""
-        return self.backend if self.via == DEFAULT_VIA[self.backend] else f"{self.backend}/{self.via}"
+        """Name in the table (``gloo``, ``hetcomm``, ``hetcomm/torch``, ``hetcomm int8``)."""
+        name = self.backend if self.via == DEFAULT_VIA[self.backend] else f"{self.backend}/{self.via}"
+        return f"{name} {self.codec}" if self.show_codec and self.codec != "none" else name
 
 
 @dataclass
 class Options:
     """Validated, resolved arguments."""
 
-    primary: Run
+    primaries: list[Run]  # one per codec
     compare: Run | None
     world_size: int
     dtype: DType
@@ -157,6 +161,11 @@ class Options:
     sizes: list[int]
     cases: list[Case]
     notes: list[str]
+
+    @property
+    def primary(self) -> Run:
+        """The first (usually only) run of the benchmarked backend."""
+        return self.primaries[0]
 
 
 def resolve(args: argparse.Namespace) -> Options:
@@ -208,19 +217,22 @@ def resolve(args: argparse.Namespace) -> Options:
     if args.compare is not None and args.compare == args.backend:
         raise ValueError(f"--compare {args.compare}: --backend is already {args.backend}; "
                          "nothing to compare (pick the other backend)")
-    if args.codec != "none":
+    codecs = parse_codecs(args.codec)
+    if codecs != ["none"]:
         if "hetcomm" not in (args.backend, args.compare):
             raise ValueError(f"--codec {args.codec} is a hetcomm option; gloo has no codecs")
         if not dtype.is_float:
             raise ValueError(f"--codec {args.codec}: codecs apply to floating-point reductions only, "
                              f"not {dtype.name}")
+    if len(codecs) > 1 and args.backend != "hetcomm":
+        raise ValueError(f"--codec {args.codec}: several codecs need --backend hetcomm")
 
-    def make_run(backend: str, path: str) -> Run:
-        return Run(backend, path, args.codec if backend == "hetcomm" else "none")
+    def make_run(backend: str, path: str, codec: str) -> Run:
+        return Run(backend, path, codec if backend == "hetcomm" else "none", show_codec=len(codecs) > 1)
 
-    primary = make_run(args.backend, via)
-    compare = make_run(args.compare, DEFAULT_VIA[args.compare]) if args.compare else None
-    for run in (primary, compare):
+    primaries = [make_run(args.backend, via, c) for c in codecs]
+    compare = make_run(args.compare, DEFAULT_VIA[args.compare], codecs[0]) if args.compare else None
+    for run in (*primaries, compare):
         if run is not None:
             check_backend(run.backend, run.via, dtype, run.codec)
     if args.plot:
@@ -229,7 +241,18 @@ def resolve(args: argparse.Namespace) -> Options:
     if not cases:
         raise ValueError("no case left to run: every size is smaller than one element "
                          "(per rank, for allgather/reduce_scatter/alltoall)")
-    return Options(primary, compare, n, dtype, ops, sizes, cases, notes)
+    return Options(primaries, compare, n, dtype, ops, sizes, cases, notes)
+
+
+def parse_codecs(text: str) -> list[str]:
+    """``--codec``: one codec or a comma-separated list, each one of :data:`CODECS`, order kept."""
+    names = [c.strip().lower() for c in text.split(",") if c.strip()]
+    for c in names:
+        if c not in CODECS:
+            raise ValueError(f"argument --codec: invalid choice: {c!r} (choose from {', '.join(CODECS)})")
+    if not names:
+        raise ValueError("argument --codec: empty")
+    return list(dict.fromkeys(names))
 
 
 def _case(row: Row) -> str:
@@ -291,8 +314,8 @@ def _preamble(w: TableWriter, opts: Options, args: argparse.Namespace, launcher:
     w.comment(SIZE_CONVENTION)
     w.comment(TIMING_CONVENTION)
     if opts.compare:
-        w.comment(f"x {opts.compare.label} = {opts.compare.label} time / {opts.primary.label} time "
-                  f"(above 1: {opts.primary.label} is faster); the {opts.compare.label} run went first")
+        w.comment(f"x {opts.compare.label} = {opts.compare.label} time / {opts.primary.backend} time "
+                  f"(above 1: {opts.primary.backend} is faster); the {opts.compare.label} run went first")
     load = machine.get("loadavg_at_start")
     if load:
         w.comment(f"{machine.get('cpu_model')}, {machine.get('cpus_usable')} CPUs, load average "
@@ -339,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                          show_wire=opts.primary.backend == "hetcomm" and opts.primary.via == "numpy")
     other: dict[tuple[str, int], Row] = {}
     runs = [(opts.compare, True)] if opts.compare else []
-    runs.append((opts.primary, False))
+    runs += [(run, False) for run in opts.primaries]
     progress = Progress(len(runs) * len(opts.cases), enabled=None if not args.quiet else False)
     started = time.monotonic()
     rc = EXIT_OK
@@ -360,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                         progress.update(f"{run.label} {_case(row)} done", advance=1)
                 else:
                     log.info("running %s (%d cases)", run.label, len(opts.cases))
+                    writer.relabel(run.label)
 
                     def on_row(row: Row) -> None:
                         cmp = other.get((row.op, row.size))
@@ -381,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                 record["rows_done"] = len(collector.rows)
             progress.clear()
             writer.finish()
-            writer.comment(summary_line(doc["rows"], opts.primary.label,
+            writer.comment(summary_line(doc["rows"], [run.label for run in opts.primaries],
                                         opts.compare.label if opts.compare else None,
                                         opts.world_size, time.monotonic() - started))
         doc["status"] = "ok"

@@ -48,7 +48,10 @@ def _pyplot() -> Any:
 
 
 def _series_label(backend: str, codec: str) -> str:
-    return backend if codec in ("", "none", None) else f"{backend} {codec}"
+    """``hetcomm int8``; labels of runs with several codecs carry the codec already."""
+    if codec in ("", "none", None) or backend.endswith(f" {codec}"):
+        return backend
+    return f"{backend} {codec}"
 
 
 def collect_series(docs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[tuple[int, float, float]]]]:

@@ -105,6 +105,11 @@ class TableWriter:
         self._busbw, self._cmp_busbw = [], []
         self._op = None
 
+    def relabel(self, label: str) -> None:
+        """Rows of another run follow (e.g. the next codec): close the block, name the new run."""
+        self._close_block()
+        self.label = label
+
     def row(self, row: Row, other: Row | None = None) -> None:
         """Print one row (and the other backend's figures for the same case)."""
         if row.op != self._op:
@@ -141,23 +146,27 @@ class TableWriter:
         self.comment()
 
 
-def summary_line(rows: list[dict], label: str, compare_label: str | None, world_size: int,
+def summary_line(rows: list[dict], labels: list[str], compare_label: str | None, world_size: int,
                  seconds: float) -> str:
     """The run in one line: how the backends compared (or the best busbw), whether all was right.
 
-    ``rows`` are the JSON rows of the run (``x_compare`` set when compared).
+    ``rows`` are the JSON rows of the run (``x_compare`` set when compared);
+    ``labels`` the runs of the benchmarked backend (one per codec), each
+    getting its own median when there are several.
     """
     wrong = sum(r.get("wrong") or 0 for r in rows)
-    lead = f"summary: {label}" + (f" vs {compare_label}" if compare_label else "")
+    lead = f"summary: {' / '.join(labels)}" + (f" vs {compare_label}" if compare_label else "")
     lead += f", {world_size} ranks, {len(rows)} cases in {seconds:.0f} s"
     verdict = "all results correct" if wrong == 0 else f"{wrong} wrong element(s)"
-    ratios = sorted((r["x_compare"], r["op"], r["size"]) for r in rows if r.get("x_compare"))
+    ratios = sorted((r["x_compare"], r["op"], r["size"], r.get("backend")) for r in rows if r.get("x_compare"))
     if ratios:
-        faster = sum(1 for x, _, _ in ratios if x > 1.0)
-        median = ratios[len(ratios) // 2][0] if len(ratios) % 2 else \
-            (ratios[len(ratios) // 2 - 1][0] + ratios[len(ratios) // 2][0]) / 2
-        (lo, lo_op, lo_size), (hi, hi_op, hi_size) = ratios[0], ratios[-1]
-        return (f"{lead}: faster in {faster}/{len(ratios)}, x {compare_label} median {median:.2f} "
+        faster = sum(1 for x, *_ in ratios if x > 1.0)
+        medians = [(label, _median([x for x, _, _, b in ratios if b == label or len(labels) == 1]))
+                   for label in labels]
+        median = ", ".join(f"{m:.2f}" if len(labels) == 1 else f"{label} {m:.2f}"
+                           for label, m in medians if m is not None)
+        (lo, lo_op, lo_size, _), (hi, hi_op, hi_size, _) = ratios[0], ratios[-1]
+        return (f"{lead}: faster in {faster}/{len(ratios)}, x {compare_label} median {median} "
                 f"(min {lo:.2f} {lo_op} {format_size(lo_size)}, max {hi:.2f} {hi_op} {format_size(hi_size)}); "
                 f"{verdict}")
     if rows:
@@ -165,3 +174,11 @@ def summary_line(rows: list[dict], label: str, compare_label: str | None, world_
         return (f"{lead}: best busbw {best['busbw_GBps']:.2f} GB/s ({best['op']} {format_size(best['size'])}); "
                 f"{verdict}")
     return f"{lead}; {verdict}"
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
