@@ -181,8 +181,9 @@ def check_torch_shim() -> Finding:
     try:
         _build.load()
     except Exception as exc:  # a compiler error surfaces as many types
+        last_line = (str(exc).strip().splitlines() or [""])[-1]  # compiler output ends with the cause
         return Finding("fail", "torch", f"the shim does not build against torch {torch.__version__}: "
-                                        f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
+                                        f"{type(exc).__name__}: {last_line}")
     return Finding("ok", "torch", f"shim for torch {torch.__version__} ready in {time.monotonic() - t0:.1f} s "
                                   f"({_build.cache_root()})")
 

@@ -213,7 +213,7 @@ def resolve(args: argparse.Namespace) -> Options:
     if args.backend == "gloo" and via != "torch":
         raise ValueError("--backend gloo runs through torch.distributed only (--via torch)")
     compare = _default_compare(args, dtype) if args.compare is None else args.compare
-    args.compare = None if compare == "none" else compare
+    args.compare = None if compare == "none" else compare  # resolved, so the JSON records what ran
     if args.compare is not None and args.compare == args.backend:
         raise ValueError(f"--compare {args.compare}: --backend is already {args.backend}; "
                          "nothing to compare (pick the other backend)")
