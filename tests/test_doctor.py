@@ -194,3 +194,17 @@ def test_peer_measures_a_shaped_link_in_the_testbed():
     assert bw, p.stdout
     # tbf counts Ethernet frames: TCP goodput tops out near 95.6 % of the rate
     assert 0.8 * rate <= parse_rate(bw.group(1)) <= 1.0 * rate, p.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_shim_that_does_not_build_is_a_failure(monkeypatch):
+    pytest.importorskip("torch")
+    from hetcomm import doctor
+    from hetcomm.torch import _build
+
+    def broken():
+        raise RuntimeError("Error building extension 'hetcomm_torch':\nbackend.cpp:12: error: no member named 'x'")
+
+    monkeypatch.setattr(_build, "load", broken)
+    found = doctor.check_torch_shim()
+    assert found.level == "fail" and "RuntimeError: backend.cpp:12: error: no member named 'x'" in found.text
