@@ -102,8 +102,10 @@ def check_socket_buffers(opts: Options, rtt: str | None = None, bandwidth: str |
     limits = limits if limits is not None else kernel_buffer_limits()
     bw = opts.wan_bandwidth or bandwidth
     if not bw:
+        known = ", ".join(f"{k} = {_mib(v)}" for k, v in limits.items() if v is not None)
         return [Finding("info", "socket buffers", "HETCOMM_WAN_BANDWIDTH is not set and no link was measured: "
-                                                  "nothing to size buffers against (set it, or run --peer)")]
+                                                  f"nothing to size buffers against (set it, or run --peer); "
+                                                  f"{known or 'kernel limits unreadable'}")]
     rtt_text = opts.wan_rtt or rtt or ASSUMED_RTT
     rtt_why = ("HETCOMM_WAN_RTT" if opts.wan_rtt else "measured" if rtt else
                "assumed; set HETCOMM_WAN_RTT or measure with --peer")
