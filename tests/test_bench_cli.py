@@ -609,3 +609,11 @@ def test_several_codecs_in_one_run(tmp_path):
 
     assert sorted(collect_series([doc])["allreduce"]) == ["gloo", "hetcomm", "hetcomm int8"]
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.timeout(120)
+def test_ranks_exit_cleanly():
+    """Ranks finish without the interpreter dying at exit (their stderr shows with -v)."""
+    p = bench("--compare", "none", "--ops", "allreduce", "--sizes", "4", "--iters", "2", "-v")
+    assert p.returncode == 0, p.stderr
+    assert "Fatal Python error" not in p.stderr, p.stderr

@@ -188,8 +188,11 @@ def _claim_stdout() -> TextIO:
 def _watch_stdin() -> None:
     """Exit at once when stdin reaches EOF: the launcher is gone, so nobody waits for us."""
     def watch() -> None:
+        # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside the
+        # buffered reader holds its lock, and the interpreter's exit then dies trying to
+        # take it ("Fatal Python error: _enter_buffered_busy").
         try:
-            while sys.stdin.buffer.read(4096):
+            while os.read(sys.stdin.fileno(), 4096):
                 pass
         except Exception:
             pass
