@@ -382,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                         log.debug("%s %s %d B: %.2f us", row.backend, row.op, row.size, row.time_us)
                         progress.update(f"{run.label} {_case(row)} done", advance=1)
                 else:
+                    writer.relabel(run.label)  # closes the previous run's block before the log line
                     log.info("running %s (%d cases)", run.label, len(opts.cases))
-                    writer.relabel(run.label)
 
                     def on_row(row: Row) -> None:
                         cmp = other.get((row.op, row.size))
