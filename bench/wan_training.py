@@ -74,6 +74,8 @@ def summarize(cfg: dict, res: list[dict], wan_bytes: int) -> dict:
     return {"name": cfg["name"], "backend": cfg["backend"], "mode": cfg["mode"], "codec": cfg["codec"],
             "step_s": step_s, "final_loss": res[0]["eval_loss"], "wan_bytes": wan_bytes,
             "samples": steps * cfg["batch"] * len(res), "params": res[0]["params"],
+            # Training loop only (rank 0's site link, both ways), without start-up and rendezvous.
+            "wan_bytes_train": res[0]["wan_bytes_train"], "total_s": max(r["total_s"] for r in res),
             "breakdown": {"compute_floor_s": compute, "forward_s": mean(0), "backward_s": mean(1),
                           "optimizer_s": mean(2), "exposed_comm_s": max(0.0, step_s - compute)},
             "loss_curve": curve}
@@ -89,7 +91,7 @@ def main() -> None:
                     help="gloo: run DDP over gloo first, the baseline")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=32, help="samples per rank and step")
-    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--inner-steps", type=int, default=16, help="DiLoCo: inner steps H between outer steps")
     ap.add_argument("--fragments", type=int, default=4, help="DiLoCo: streaming fragments (1: plain DiLoCo)")
     ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo: outer Nesterov learning rate")
@@ -124,11 +126,12 @@ def main() -> None:
           f"parameters, batch {args.batch} per rank, {args.steps} steps (first {WARMUP} left out of step time)")
     print(f"{'run':22} {'step s':>7} {'x first':>7} {'compute':>8} {'fwd':>6} {'bwd+comm':>8} {'opt/outer':>9} "
           f"{'exposed':>8} {'eval loss':>9} {'WAN MB':>8} {'B/sample':>9}")
+    # WAN MB: everything, start-up included; B/sample: bytes of the training loop per trained sample
     for r in runs:
         b = r["breakdown"]
         print(f"{r['name']:22} {r['step_s']:7.3f} {base / r['step_s']:7.2f} {b['compute_floor_s']:8.3f} "
               f"{b['forward_s']:6.3f} {b['backward_s']:8.3f} {b['optimizer_s']:9.3f} {b['exposed_comm_s']:8.3f} "
-              f"{r['final_loss']:9.4f} {r['wan_bytes'] / 1e6:8.1f} {r['wan_bytes'] / r['samples']:9.0f}")
+              f"{r['final_loss']:9.4f} {r['wan_bytes'] / 1e6:8.1f} {(r['wan_bytes_train'] or 0) / r['samples']:9.0f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rate": args.rate, "args": vars(args), "runs": runs}, f, indent=1)

@@ -76,6 +76,16 @@ def _compute_floor(model: torch.nn.Module, task: Task, batch: int, lr: float, st
     return min(times[1:])
 
 
+def _wan_bytes() -> int | None:
+    """Bytes both ways on this site's WAN link so far (its veth counters); with two
+    sites that is everything that crossed between them."""
+    stats = f"/sys/class/net/{os.environ.get('GLOO_SOCKET_IFNAME', 'wan0')}/statistics"
+    try:
+        return sum(int(open(f"{stats}/{k}_bytes").read()) for k in ("tx", "rx"))
+    except OSError:
+        return None
+
+
 def _site_groups(backend: str) -> Any:
     """This rank's site group (every rank creates every site's group, as new_group requires)."""
     per_site = int(os.environ["LOCAL_WORLD_SIZE"])
@@ -113,8 +123,11 @@ def train(cfg: dict) -> dict:
         net = torch.nn.parallel.DistributedDataParallel(model, process_group=_site_groups(cfg["inner_backend"]))
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
         diloco = DiLoCo(model, opt, inner_steps=cfg["inner_steps"], codec=cfg["codec"],
-                        fragments=cfg["fragments"], outer_lr=cfg["outer_lr"])
+                        fragments=cfg["fragments"], overlap_steps=int(cfg["fragments"] > 1),
+                        outer_lr=cfg["outer_lr"])
+    dist.barrier()
     times, losses, phases, elapsed = [], [], [], []
+    wan_start = _wan_bytes()
     start = time.perf_counter()
     for _ in range(cfg["steps"]):
         x, y = task.batch(batch)
@@ -135,7 +148,9 @@ def train(cfg: dict) -> dict:
         elapsed.append(t3 - start)
     if diloco is not None:
         diloco.finish()  # the last outer step: every rank ends on the averaged parameters
-    out = {"times": times, "phases": phases, "losses": losses, "elapsed": elapsed, "compute_s": compute_s,
+    dist.barrier()
+    wan_end = _wan_bytes()
+    out = {"wan_bytes_train": None if wan_start is None else wan_end - wan_start, "total_s": time.perf_counter() - start,"times": times, "phases": phases, "losses": losses, "elapsed": elapsed, "compute_s": compute_s,
            "eval_loss": task.eval_loss(model), "params": sum(p.numel() for p in model.parameters())}
     dist.destroy_process_group()
     return out
