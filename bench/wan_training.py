@@ -85,7 +85,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", default="1gbit", help="WAN rate per direction (tc units: 1gbit, 100mbit)")
     ap.add_argument("--params", type=parse_count, default=parse_count("25M"), help="model size, e.g. 25M")
-    ap.add_argument("--mode", choices=("ddp", "diloco"), default="ddp")
+    ap.add_argument("--mode", choices=("ddp", "fsdp", "diloco"), default="ddp",
+                    help="fsdp: FSDP2, the codec on its reduce-scatter (every ring link)")
     ap.add_argument("--codec", default="int8", help="codec of the hetcomm run(s); several: int8,int4")
     ap.add_argument("--compare", choices=("gloo", "none"), default="none",
                     help="gloo: run DDP over gloo first, the baseline")
@@ -121,6 +122,11 @@ def main() -> None:
             before = bed.wan_tx_bytes()
             res = run(bed, cfg, tmp, 29600 + i, args.timeout)
             runs.append(summarize(cfg, res, bed.wan_tx_bytes() - before))
+            print(f"# {cfg['name']}: {runs[-1]['step_s']:.3f} s/step, eval loss {runs[-1]['final_loss']:.4f}",
+                  flush=True)
+            if args.json:  # what finished survives a later run's failure
+                with open(args.json, "w") as f:
+                    json.dump({"rate": args.rate, "args": vars(args), "runs": runs}, f, indent=1)
     base = runs[0]["step_s"]
     print(f"# {args.mode}, 2 sites x 2 ranks, WAN {args.rate} per direction (tbf), {runs[0]['params'] / 1e6:.1f}M "
           f"parameters, batch {args.batch} per rank, {args.steps} steps (first {WARMUP} left out of step time)")
@@ -132,9 +138,6 @@ def main() -> None:
         print(f"{r['name']:22} {r['step_s']:7.3f} {base / r['step_s']:7.2f} {b['compute_floor_s']:8.3f} "
               f"{b['forward_s']:6.3f} {b['backward_s']:8.3f} {b['optimizer_s']:9.3f} {b['exposed_comm_s']:8.3f} "
               f"{r['final_loss']:9.4f} {r['wan_bytes'] / 1e6:8.1f} {(r['wan_bytes_train'] or 0) / r['samples']:9.0f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rate": args.rate, "args": vars(args), "runs": runs}, f, indent=1)
     print(json.dumps({"runs": [{k: v for k, v in r.items() if k != "loss_curve"} for r in runs]}))
 
 

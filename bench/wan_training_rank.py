@@ -103,11 +103,15 @@ def train(cfg: dict) -> dict:
     rank = int(os.environ["RANK"])
     import hetcomm
 
+    if cfg["mode"] == "fsdp" and cfg["backend"] == "hetcomm":
+        # FSDP2 calls reduce_scatter itself: the group's default codec compresses it.
+        os.environ["HETCOMM_CODEC"] = cfg["codec"]
     dist.init_process_group(cfg["backend"], timeout=datetime.timedelta(seconds=600))
     torch.manual_seed(0)
     torch.set_num_threads(1)
     task = Task(rank)
     model = make_model(cfg["params"])
+    cfg["params_exact"] = sum(p.numel() for p in model.parameters())
     batch, lr = cfg["batch"], cfg["lr"]
     compute_s = _compute_floor(model, task, batch, lr)
     dist.barrier()
@@ -116,6 +120,14 @@ def train(cfg: dict) -> dict:
         net = torch.nn.parallel.DistributedDataParallel(model)  # default arguments
         if cfg["backend"] == "hetcomm" and cfg["codec"] != "none":
             net.register_comm_hook(None, hetcomm.ddp_hook(cfg["codec"]))
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    elif cfg["mode"] == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        net = fully_shard(model)
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     else:
         from hetcomm.diloco import DiLoCo
@@ -135,7 +147,7 @@ def train(cfg: dict) -> dict:
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(net(x), y)
         t1 = time.perf_counter()
-        loss.backward()  # DDP's bucket allreduces run (and are waited for) here
+        loss.backward()  # DDP's bucket allreduces (FSDP's reduce-scatters) run and are waited for here
         t2 = time.perf_counter()
         if diloco is not None:
             diloco.step()
@@ -151,7 +163,7 @@ def train(cfg: dict) -> dict:
     dist.barrier()
     wan_end = _wan_bytes()
     out = {"wan_bytes_train": None if wan_start is None else wan_end - wan_start, "total_s": time.perf_counter() - start,"times": times, "phases": phases, "losses": losses, "elapsed": elapsed, "compute_s": compute_s,
-           "eval_loss": task.eval_loss(model), "params": sum(p.numel() for p in model.parameters())}
+           "eval_loss": task.eval_loss(model), "params": cfg["params_exact"]}
     dist.destroy_process_group()
     return out
 

@@ -37,8 +37,9 @@ log = logging.getLogger("hetcomm.diloco")
 _KEY_BASE = 0x44494C4F00000000  # "DILO"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Fragment:
+    index: int
     params: list[torch.Tensor]
     outer: torch.Tensor       # flat fp32 outer parameters, identical on every rank
     momentum: torch.Tensor
@@ -124,7 +125,7 @@ class DiLoCo:
         self.fragments: list[_Fragment] = []
         for i, frag in enumerate(_split(params, fragments)):
             outer = _flat(frag)
-            self.fragments.append(_Fragment(frag, outer, torch.zeros_like(outer), torch.empty_like(outer),
+            self.fragments.append(_Fragment(i, frag, outer, torch.zeros_like(outer), torch.empty_like(outer),
                                             offset=i * inner_steps // fragments))
         self.step_count = 0
         self.outer_steps = 0
@@ -199,8 +200,7 @@ class DiLoCo:
         torch.sub(frag.outer, _flat(frag.params), out=frag.delta)
         frag.due = self.step_count + self.overlap_steps
         if self.backend is not None:
-            index = self.fragments.index(frag)
-            key = _KEY_BASE + index + 1 if self.error_feedback and self.code > 0 else 0
+            key = _KEY_BASE + frag.index + 1 if self.error_feedback and self.code > 0 else 0
             frag.work = self.backend.allreduce_compressed(frag.delta, self.code, key, 0, 1)  # 1: HC_AVG
         else:  # averaged in _apply
             frag.work = dist.all_reduce(frag.delta, group=self.group, async_op=True)

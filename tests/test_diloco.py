@@ -102,11 +102,13 @@ def _streaming(rank: int, ws: int) -> tuple[bytes, list[float], int]:
     _init(rank, ws, 2)
     sites = [dist.new_group([0, 1], backend="gloo"), dist.new_group([2, 3], backend="gloo")]
     torch.manual_seed(rank)  # different initial weights: DiLoCo must start every site from rank 0's
-    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    # Fragments of the same number of tensors (a regression: fragments were told apart by value).
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 3))
     net = DDP(model, process_group=sites[rank // 2])
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     diloco = DiLoCo(model, opt, inner_steps=4, codec="int4", fragments=2, overlap_steps=1)
-    assert len(diloco.fragments) == 2
+    assert [len(f.params) for f in diloco.fragments] == [3, 3]
     data = torch.Generator().manual_seed(rank)
     w = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
     losses = []
