@@ -9,7 +9,6 @@ import datetime
 import json
 import os
 import time
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,18 +85,6 @@ def _wan_bytes() -> int | None:
         return None
 
 
-def _site_groups(backend: str) -> Any:
-    """This rank's site group (every rank creates every site's group, as new_group requires)."""
-    per_site = int(os.environ["LOCAL_WORLD_SIZE"])
-    world = dist.get_world_size()
-    mine = None
-    for first in range(0, world, per_site):
-        g = dist.new_group(list(range(first, first + per_site)), backend=backend)
-        if first <= dist.get_rank() < first + per_site:
-            mine = g
-    return mine
-
-
 def train(cfg: dict) -> dict:
     """One rank of one run; returns per-step times and losses."""
     rank = int(os.environ["RANK"])
@@ -130,9 +117,10 @@ def train(cfg: dict) -> dict:
         net = fully_shard(model)
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     else:
-        from hetcomm.diloco import DiLoCo
+        from hetcomm.diloco import DiLoCo, site_group
 
-        net = torch.nn.parallel.DistributedDataParallel(model, process_group=_site_groups(cfg["inner_backend"]))
+        site = site_group(int(os.environ["LOCAL_WORLD_SIZE"]), cfg["inner_backend"])
+        net = torch.nn.parallel.DistributedDataParallel(model, process_group=site)
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
         diloco = DiLoCo(model, opt, inner_steps=cfg["inner_steps"], codec=cfg["codec"],
                         fragments=cfg["fragments"], overlap_steps=int(cfg["fragments"] > 1),

@@ -23,17 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hetcomm  # noqa: F401  registers the "hetcomm" backend
-from hetcomm.diloco import DiLoCo
-
-
-def site_group(per_site: int) -> dist.ProcessGroup:
-    """This rank's site group; every rank creates every site's group, as new_group requires."""
-    mine = None
-    for first in range(0, dist.get_world_size(), per_site):
-        group = dist.new_group(list(range(first, first + per_site)), backend="gloo")
-        if first <= dist.get_rank() < first + per_site:
-            mine = group
-    return mine
+from hetcomm.diloco import DiLoCo, site_group
 
 
 def main() -> None:
@@ -47,7 +37,7 @@ def main() -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    net = DDP(model, process_group=site_group(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    net = DDP(model, process_group=site_group(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "gloo"))
     inner = torch.optim.AdamW(net.parameters(), lr=3e-3)
     diloco = DiLoCo(model, inner, inner_steps=args.inner_steps, codec=args.codec, fragments=args.fragments,
                     overlap_steps=1 if args.fragments > 1 else 0)

@@ -49,6 +49,25 @@ class _Fragment:
     due: int = 0              # inner step at which its result is applied
 
 
+def site_group(ranks_per_site: int, backend: str | None = "gloo") -> Any:
+    """This rank's in-site process group, for DiLoCo's inner data parallelism.
+
+    Ranks ``[k * ranks_per_site, (k + 1) * ranks_per_site)`` form site k (the
+    order torchrun and hetcomm.testbed give). Every rank creates every
+    site's group, as ``dist.new_group`` requires; ``backend`` is the site's
+    own library (gloo stands in for NCCL/HCCL on CPU).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if ranks_per_site < 1 or world % ranks_per_site:
+        raise ValueError(f"site_group: ranks_per_site={ranks_per_site} does not divide the world size {world}")
+    mine = None
+    for first in range(0, world, ranks_per_site):
+        group = dist.new_group(list(range(first, first + ranks_per_site)), backend=backend)
+        if first <= rank < first + ranks_per_site:
+            mine = group
+    return mine
+
+
 def _split(params: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:
     """Contiguous runs of whole tensors with about equal element counts."""
     total = sum(p.numel() for p in params)
@@ -94,7 +113,7 @@ class DiLoCo:
 
     Example::
 
-        site = dist.new_group(ranks_of_my_site)          # e.g. gloo/NCCL inside a site
+        site = site_group(ranks_per_site=2)              # gloo/NCCL inside a site
         ddp = DDP(model, process_group=site)
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
         diloco = DiLoCo(model, opt, inner_steps=50, codec="int4")  # from hetcomm.diloco
