@@ -36,7 +36,7 @@ def parse_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"--params: expected a count like 25M, got {text!r}") from None
 
 
-def run(bed, cfg: dict, tmp: str, port: int, timeout_s: float) -> list[dict]:
+def run(bed, cfg: dict, tmp: str, port: int, timeout_s: float, log_dir: str | None = None) -> list[dict]:
     """Runs one configuration on every rank of `bed`; returns each rank's results."""
     outs = [os.path.join(tmp, f"{cfg['name']}-{r}.json".replace(" ", "_")) for r in range(bed.world_size)]
     procs = bed.spawn_ranks(lambda r: [sys.executable, RANK_SCRIPT, json.dumps({**cfg, "out": outs[r]})],
@@ -48,6 +48,9 @@ def run(bed, cfg: dict, tmp: str, port: int, timeout_s: float) -> list[dict]:
         except subprocess.TimeoutExpired:
             bed.kill_processes()
             sys.exit(f"{cfg['name']}: rank {r} did not finish within {timeout_s:.0f} s")
+        if log_dir:
+            with open(os.path.join(log_dir, f"{cfg['name']}-rank{r}.log".replace(" ", "_")), "wb") as f:
+                f.write(out)
         if p.returncode != 0:
             failed.append(f"{cfg['name']} rank {r} failed:\n{out.decode(errors='replace')[-3000:]}")
     if failed:
@@ -98,6 +101,8 @@ def main() -> None:
     ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo: outer Nesterov learning rate")
     ap.add_argument("--inner-backend", default="gloo", help="DiLoCo: backend of the in-site groups")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
+    ap.add_argument("--log-dir", help="keep every rank's output here (with HETCOMM_LOG_LEVEL=DEBUG the core "
+                    "logs each hierarchical allreduce's in-site and inter-site times)")
     ap.add_argument("--json", help="also write the full results (curves, breakdowns) here")
     args = ap.parse_args()
     from hetcomm.testbed.netns import WanTestbed, available
@@ -120,7 +125,7 @@ def main() -> None:
         for i, cfg in enumerate(configs):
             cfg = {**common, **cfg}
             before = bed.wan_tx_bytes()
-            res = run(bed, cfg, tmp, 29600 + i, args.timeout)
+            res = run(bed, cfg, tmp, 29600 + i, args.timeout, args.log_dir)
             runs.append(summarize(cfg, res, bed.wan_tx_bytes() - before))
             print(f"# {cfg['name']}: {runs[-1]['step_s']:.3f} s/step, eval loss {runs[-1]['final_loss']:.4f}",
                   flush=True)

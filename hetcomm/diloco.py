@@ -130,8 +130,8 @@ class DiLoCo:
             raise ValueError(f"DiLoCo: inner_steps must be at least 1, got {inner_steps}")
         if not 1 <= fragments <= inner_steps:
             raise ValueError(f"DiLoCo: fragments must be in [1, inner_steps={inner_steps}], got {fragments}")
-        if not 0 <= overlap_steps < max(1, inner_steps // fragments):
-            raise ValueError(f"DiLoCo: overlap_steps must be in [0, inner_steps / fragments), got {overlap_steps}")
+        if not 0 <= overlap_steps < inner_steps:  # a fragment's result lands before its next sync starts
+            raise ValueError(f"DiLoCo: overlap_steps must be in [0, inner_steps={inner_steps}), got {overlap_steps}")
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"DiLoCo: mix must be in [0, 1], got {mix}")
         self.inner_optimizer = inner_optimizer

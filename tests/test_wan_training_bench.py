@@ -30,5 +30,6 @@ def test_bench_prints_the_runs_json_line(mode):
         assert {"name", "backend", "mode", "codec", "step_s", "final_loss", "wan_bytes", "samples"} <= set(r)
         assert r["samples"] == 6 * 32 * 4 and r["step_s"] > 0
         assert r["wan_bytes"] > r["wan_bytes_train"] > 0  # counted on the links, start-up included in the first
-    assert runs[1]["wan_bytes_train"] < runs[0]["wan_bytes_train"]  # compressed (and, for DiLoCo, rarer)
+    if mode != "fsdp":  # FSDP's per-layer shards of this small model are below the codec's minimum size
+        assert runs[1]["wan_bytes_train"] < runs[0]["wan_bytes_train"]  # compressed (and, for DiLoCo, rarer)
     assert abs(runs[1]["final_loss"] - runs[0]["final_loss"]) < 0.05 * runs[0]["final_loss"]
