@@ -193,7 +193,9 @@ class DiLoCo:
             raise ValueError(f"DiLoCo: codec {self.codec!r} needs a 'hetcomm' outer group; "
                              f"this group's backend is {dist.get_backend(self.group)!r}")
         for frag in self.fragments:
-            frag.work = None
+            if frag.work is not None:
+                # An op of the old group may still write its buffer: the next sync gets a new one.
+                frag.work, frag.delta = None, torch.empty_like(frag.delta)
         if source_rank is None:
             return
         src = dist.get_global_rank(self.group, source_rank)
