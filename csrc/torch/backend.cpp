@@ -383,7 +383,8 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allreduce_compressed(
     int codec,
     uint64_t residual_key,
     uint64_t sr_seed,
-    int redop) {
+    int redop,
+    bool tensor_future) {
   TORCH_CHECK(codec >= 0 && codec < HC_CODEC_COUNT, "hetcomm: allreduce_compressed: codec ", codec, " is not an hc_codec");
   TORCH_CHECK(redop == HC_SUM || redop == HC_AVG, "hetcomm: allreduce_compressed: only sum and avg are compressed");
   std::vector<at::Tensor> tensors{tensor};
@@ -391,6 +392,8 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allreduce_compressed(
   Wire w = wire_for_reduce(tensor.scalar_type(), redop, "allreduce_compressed");
   auto work = make_work(c10d::OpType::ALLREDUCE, "hetcomm:all_reduce_compressed", tensors, tensors, true,
                         "allreduce_compressed");
+  if (tensor_future)
+    work->resolve_to_tensor();
   Staging st(*work);
   at::Tensor h = st.inout(tensor);
   st.wait_inputs();

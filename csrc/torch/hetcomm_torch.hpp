@@ -37,6 +37,11 @@
 
 #include "hetcomm.h"
 
+namespace c10d {
+class Reducer;
+class ProcessGroup;
+} // namespace c10d
+
 namespace hetcomm_torch {
 
 // Builds a c10::DistBackendError carrying `msg` as an exception_ptr.
@@ -103,6 +108,10 @@ class HcWork : public c10d::Work {
   // Called by wait() before blocking: lets the waiting thread run the queued
   // ops itself when the core's worker is idle (saves two thread hand-offs).
   void set_helper(std::function<void()> help) { help_ = std::move(help); }
+  // Before anything is issued: the future's value becomes the single result
+  // tensor instead of a list of it, so a DDP comm hook can return the future
+  // as it is (a Python .then() would take the GIL on the worker thread).
+  void resolve_to_tensor();
 
   // The core's completion callback (runs on the communicator's worker thread).
   static void on_done(hc_op* op, int status, void* user);
@@ -145,6 +154,7 @@ class HcWork : public c10d::Work {
   std::mutex error_mu_;  // guards error_ only; never held while completing
   std::string error_;
   std::atomic<int> source_{-1};
+  bool tensor_value_ = false;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
   Inflight inflight_;
   uint64_t seq_;
@@ -234,13 +244,15 @@ class HcBackend : public c10d::Backend {
       std::vector<at::Tensor>& tensors,
       const c10d::AllreduceCoalescedOptions& opts) override;
   // Not a c10d call: allreduce with hetcomm's per-call codec, error-feedback
-  // residual (key != 0) and stochastic-rounding seed (!= 0); for DDP hooks.
+  // residual (key != 0) and stochastic-rounding seed (!= 0); for DDP hooks
+  // (tensor_future: the Work's future yields the tensor, not a list).
   c10::intrusive_ptr<c10d::Work> allreduce_compressed(
       at::Tensor& tensor,
       int codec,
       uint64_t residual_key,
       uint64_t sr_seed,
-      int redop);
+      int redop,
+      bool tensor_future = false);
   c10::intrusive_ptr<c10d::Work> reduce(
       std::vector<at::Tensor>& tensors,
       const c10d::ReduceOptions& opts) override;
@@ -366,5 +378,18 @@ class HcBackend : public c10d::Backend {
   bool coalescing_ = false;
   std::vector<c10::intrusive_ptr<c10d::Work>> coalesced_;
 };
+
+// ---- the DDP comm hook ----------------------------------------------------------
+
+struct DdpHookConfig {
+  int codec = 0;
+  bool error_feedback = true;
+  bool stochastic_rounding = false;
+  uint64_t seed = 0;
+  uint64_t key_base = 0;  // residual keys: key_base + bucket index + 1
+};
+
+// Registers the C++ comm hook (ddp_hook.cpp) on a DDP reducer.
+void register_ddp_hook(c10d::Reducer& reducer, c10d::ProcessGroup& group, const DdpHookConfig& cfg);
 
 } // namespace hetcomm_torch

@@ -3,6 +3,8 @@
  * core's function table and of a connected communicator (both handed over by
  * hetcomm/torch/backend.py), plus the exit hook.
  */
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
 #include <torch/python.h>
 
 #include "hetcomm_torch.hpp"
@@ -93,9 +95,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("residual_key") = 0,
           py::arg("sr_seed") = 0,
           py::arg("redop") = static_cast<int>(HC_SUM),
+          py::arg("tensor_future") = false,
           py::call_guard<py::gil_scoped_release>(),
           "Allreduce with a codec (hetcomm.config.CODECS index), error feedback under residual_key (0: off) "
-          "and stochastic rounding seeded by sr_seed (0: off). Returns a c10d Work.");
+          "and stochastic rounding seeded by sr_seed (0: off). Returns a c10d Work; with tensor_future its "
+          "future's value is the tensor itself (what a DDP comm hook returns), not a list.");
+  m.def(
+      "register_ddp_hook",
+      [](py::object reducer, py::object group, int codec, bool error_feedback, bool stochastic_rounding,
+         uint64_t seed, uint64_t key_base) {
+        hetcomm_torch::DdpHookConfig cfg{codec, error_feedback, stochastic_rounding, seed, key_base};
+        hetcomm_torch::register_ddp_hook(reducer.cast<c10d::Reducer&>(), group.cast<c10d::ProcessGroup&>(), cfg);
+      },
+      py::arg("reducer"),
+      py::arg("group"),
+      py::arg("codec"),
+      py::arg("error_feedback"),
+      py::arg("stochastic_rounding"),
+      py::arg("seed"),
+      py::arg("key_base"),
+      "Registers hetcomm's C++ DDP comm hook (compressed allreduce, no Python per bucket) on a DDP reducer.");
   m.def(
       "shutdown_all",
       &HcBackend::shutdown_all,

@@ -69,6 +69,12 @@ HcWork::HcWork(
 
 HcWork::~HcWork() = default;
 
+void HcWork::resolve_to_tensor() {
+  TORCH_CHECK(result_.size() == 1 && issued_count_ == 0, "hetcomm: resolve_to_tensor needs one result, before issue");
+  tensor_value_ = true;
+  future_ = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), accelerator_devices(result_));
+}
+
 void HcWork::keep(at::Tensor t) {
   keep_.push_back(std::move(t));
 }
@@ -209,7 +215,7 @@ void HcWork::complete() {
     if (eptr) {
       future_->setError(eptr);
     } else {
-      future_->markCompleted(c10::IValue(result_));
+      future_->markCompleted(tensor_value_ ? c10::IValue(result_.at(0)) : c10::IValue(result_));
     }
   }
   finish(eptr);

@@ -4,6 +4,11 @@
 DDP average each gradient bucket with a compressed allreduce: the codec runs
 on every link (or, across sites, on the inter-site leg of the hierarchical
 allreduce), with an error-feedback residual per bucket kept in the C core.
+
+DDP.register_comm_hook of such a hook registers its C++ twin
+(csrc/torch/ddp_hook.cpp) on DDP's reducer instead of the Python function:
+the bucket's allreduce is then submitted from the autograd thread and
+completed by the core's worker thread with no Python, and no GIL, per bucket.
 """
 import logging
 from typing import Any, Callable
@@ -58,8 +63,39 @@ def ddp_hook(codec: str = "int8", error_feedback: bool = True, stochastic_roundi
         sr = (seed * 1000003 + step[0]) & (2**64 - 1) or 1 if stochastic_rounding else 0
         if bucket.is_last():
             step[0] += 1
-        work = backend.allreduce_compressed(tensor, code, key, sr, 1)  # 1: HC_AVG, DDP averages gradients
-        return work.get_future().then(lambda fut: fut.value()[0])
+        # 1: HC_AVG, DDP averages gradients. The future yields the tensor
+        # itself and completes on the core's worker thread with no Python
+        # callback, so the worker never waits for the GIL between buckets.
+        return backend.allreduce_compressed(tensor, code, key, sr, 1, True).get_future()
 
-    hook.__name__ = f"hetcomm_{codec}_hook"
+    hook.__name__ = hook.__qualname__ = f"hetcomm_{codec}_hook"
+    hook._hetcomm_native = (code, error_feedback, stochastic_rounding, seed)  # type: ignore[attr-defined]
+    _route_registration()
     return hook
+
+
+def _route_registration() -> None:
+    """Makes DDP register hetcomm hooks as the C++ hook (once per process).
+
+    DDP.register_comm_hook ends in ``torch.distributed._register_comm_hook(
+    reducer, state, hook)``; for a hook made by :func:`ddp_hook` on a hetcomm
+    group this registers the C++ hook instead. Anything else goes to torch's
+    function unchanged.
+    """
+    original = dist._register_comm_hook
+    if getattr(original, "_hetcomm_route", False):
+        return
+
+    def register(reducer: Any, state: Any, hook: Any) -> None:
+        native = getattr(hook, "_hetcomm_native", None)
+        group = state if state is not None else dist.distributed_c10d._get_default_group()
+        if native is None or not isinstance(group, dist.ProcessGroup) or dist.get_backend(group) != "hetcomm":
+            return original(reducer, state, hook)
+        from hetcomm.torch import _build
+
+        code, error_feedback, stochastic_rounding, seed = native
+        _build.load().register_ddp_hook(reducer, group, code, error_feedback, stochastic_rounding, seed, _KEY_BASE)
+        log.debug("DDP: registered hetcomm's C++ comm hook (%s)", hook.__name__)
+
+    register._hetcomm_route = True  # type: ignore[attr-defined]
+    dist._register_comm_hook = register
