@@ -17,7 +17,7 @@
 #include "transport/zmq_lib.h"
 
 #define HC_ERROR_LEN 1024
-#define HC_MAX_INBOXES 3
+#define HC_MAX_INBOXES 3 /* per plane: tcp, ipc, CURVE */
 /* Work buffers the worker keeps between ops (see hc_comm_scratch). */
 enum { HC_SCRATCH_WORK, HC_SCRATCH_TMP, HC_SCRATCH_INDEX, HC_SCRATCH_ARENA, HC_SCRATCH_STAGE, HC_SCRATCH_SLOTS };
 
@@ -49,7 +49,7 @@ typedef struct hc_msg {
     int has_payload_frame;
     const uint8_t *data;
     size_t len;
-    int inbox;           /* which inbox it came in on (plain, ipc, secure) */
+    int inbox;           /* which inbox it came in on: data inbox i, or -1 - i for control inbox i */
     hc_lane *lane;       /* payload is in this lane's `slot`, freed on release */
     uint32_t slot;
     struct hc_msg *next;
@@ -102,7 +102,9 @@ typedef struct hc_peer {
     int secure;           /* CURVE on this link */
     int nstreams;
     void **streams;       /* PUSH sockets, one per TCP stream */
-    void *monitor;        /* PAIR receiving stream 0's socket events */
+    void *ctl;            /* PUSH socket to the peer's control inbox */
+    char ctl_url[256];
+    void *monitor;        /* PAIR receiving the control socket's events */
     int hellos;           /* greetings received (one per stream of theirs) */
     int peer_streams;     /* how many streams the peer opened to this rank */
     int ready;            /* its READY arrived (handshake complete) */
@@ -115,6 +117,15 @@ typedef struct hc_peer {
     int tx_lane_ok;
     int gone;             /* its connection dropped */
     int64_t gone_ns;
+    int said_bye;         /* it announced a clean close (BYE) */
+    int left;             /* it closed cleanly: waits on it fail, the communicator stays usable */
+    int64_t last_heard_ns; /* anything arrived from it */
+    int64_t last_beat_ns; /* this rank's last heartbeat to it */
+    int acked;            /* coordinator: its last FAULT bitmap equals this rank's */
+    int reshape_seen;     /* its RESHAPE arrived: it entered the same shrink or grow */
+    uint64_t reshape_id;
+    int reshape_size;
+    uint8_t *reshape_keep; /* the ranks it keeps (bitmap) */
     hc_msg *stash_head, *stash_tail; /* collective messages not yet asked for */
     uint32_t tx_part, rx_part;       /* message counters of the running op */
 } hc_peer;
@@ -157,10 +168,12 @@ struct hc_comm {
 
     void *zctx;
     int own_ctx;
-    void *inbox[HC_MAX_INBOXES];
+    void *inbox[HC_MAX_INBOXES];   /* data plane */
     int ninbox;
+    void *ctl_inbox[HC_MAX_INBOXES]; /* control plane: heartbeats, faults, aborts, reshapes */
+    int nctl;
     void *secure_monitor;   /* auth failures on the CURVE inbox */
-    char endpoint[768];
+    char endpoint[1536];
     hc_peer *peers;
     int connected;
 
@@ -189,6 +202,17 @@ struct hc_comm {
     atomic_int status;
     char error[HC_ERROR_LEN];
 
+    /* membership (core/membership.c); the engine holder writes, member_mu
+     * guards what other threads read */
+    pthread_mutex_t member_mu;
+    pthread_cond_t member_cv;   /* signalled when an agreement is reached */
+    uint8_t *failed;            /* failed[r]: this rank holds r failed */
+    int nfailed;
+    int agreed;                 /* the survivors agreed on `failed` */
+    int excluded;               /* the others hold this rank failed */
+    int64_t heartbeat_ns;       /* silence that makes a peer lost; 0: off */
+    int reshaped;               /* shrunk or grown into another communicator */
+
     /* point-to-point matching (worker only) */
     hc_op *recv_pending_head, *recv_pending_tail;
     hc_msg *unexpected_head, *unexpected_tail;
@@ -197,6 +221,9 @@ struct hc_comm {
     hc_zmq_pollitem *items;
     int nitems;
     int npinned;            /* items before the peers' monitors */
+    hc_zmq_pollitem *idle_items; /* what an idle worker watches: control inboxes, wake pipe, monitors */
+    int nidle;
+    hc_zmq_pollitem *sleep_items; /* the worker's own copy, polled without the engine */
     hc_msg *free_msgs;
     hc_residual *residuals;
     void *scratch[HC_SCRATCH_SLOTS]; /* grow-only work buffers of the worker */
@@ -204,6 +231,14 @@ struct hc_comm {
 
     atomic_uint_fast64_t bytes_sent;
     atomic_uint_fast64_t bytes_sent_intersite;
+
+    /* reshaping (core/reshape.c): while a shrink or grow hands the links to
+     * the next communicator, messages already sent under its id are kept */
+    uint64_t next_comm_id;
+    hc_msg *future_head, *future_tail;
+    uint64_t ancestors[4];  /* ids of the communicators this one was made from: their
+                               late messages are dropped without a warning */
+    struct hc_garbage *garbage; /* rate limit of the "dropped a message" warning */
 };
 
 /* The /dev/shm name of the lane carrying payloads from src to dst. */
@@ -289,6 +324,35 @@ size_t hc_wan_in_flight_estimate(const hc_comm *comm);
 hc_msg *hc_msg_alloc(hc_comm *comm);
 void hc_msg_free(hc_comm *comm, hc_msg *m);
 
+/* ---- membership (core/membership.c) ---- */
+
+int hc_member_init(hc_comm *comm);
+void hc_member_free(hc_comm *comm);
+/* Holds `rank` failed (once): breaks the communicator with HC_ERR_PEER_LOST,
+ * drops the links to it and tells the survivors. Engine held. */
+void hc_member_fail(hc_comm *comm, int rank, const char *why);
+/* A FAULT or DECIDE message from a peer. Engine held. */
+void hc_member_on_message(hc_comm *comm, const hc_msg *m);
+/* Sends the heartbeats that are due and fails peers that went silent or whose
+ * connection dropped without a goodbye; returns ms until the next deadline
+ * (-1: none). Engine held. */
+long hc_member_tick(hc_comm *comm, int64_t now);
+/* "[1, 3]": the failed ranks. */
+const char *hc_member_list(const hc_comm *comm, char *buf, size_t len);
+/* Bitmaps on the wire: one bit per rank. */
+static inline size_t hc_bitmap_bytes(int n) { return ((size_t)n + 7) / 8; }
+static inline int hc_bit(const uint8_t *b, int i) { return (b[i / 8] >> (i % 8)) & 1; }
+static inline void hc_set_bit(uint8_t *b, int i) { b[i / 8] |= (uint8_t)(1u << (i % 8)); }
+
+/* Drives the progress engine with no op running until done(comm, arg) holds
+ * or the deadline passes (HC_ERR_TIMEOUT); engine held. Control messages,
+ * faults and heartbeats are served meanwhile. */
+int hc_progress_until(hc_comm *comm, int (*done)(hc_comm *, void *), void *arg, int64_t deadline_ns);
+/* What the idle worker does when woken by the control plane or a timer:
+ * serve control messages, monitors and heartbeats. Engine held. Returns ms
+ * until the next timer (-1: none). */
+long hc_progress_housekeeping(hc_comm *comm);
+
 /* ---- transport (transport/zmq.c) ---- */
 
 int hc_tp_bind(hc_comm *comm);
@@ -297,6 +361,13 @@ void hc_tp_build_pollset(hc_comm *comm);
 /* Sends header + payload to peer on the stream chosen by header->part. */
 int hc_tp_send(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payload,
                size_t len, int tx_group /* -1: copy */);
+/* Sends a control message (copied) on the peer's control connection. */
+int hc_tp_send_ctl(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payload, size_t len);
+/* Closes every link to one peer (linger 0: what it never took is dropped,
+ * which releases the zero-copy buffers queued for it). */
+void hc_tp_close_peer(hc_comm *comm, hc_peer *peer);
+/* Non-blocking receive from control inbox `i`, like hc_tp_try_recv. */
+int hc_tp_try_recv_ctl(hc_comm *comm, int i, hc_msg **out);
 /* Non-blocking: 1 and *out set when a message was waiting, 0 when none, or
  * a negative hc_status (as -status) on failure. */
 int hc_tp_try_recv(hc_comm *comm, int inbox, hc_msg **out);
