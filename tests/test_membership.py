@@ -3,6 +3,7 @@
 go on; a newcomer joins a running group through grow/join."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -329,3 +330,55 @@ def _grow_without_newcomer(rank: int, size: int) -> float:
 def test_a_grow_whose_newcomer_never_comes_leaves_the_members_working():
     for elapsed in run_ranks(_grow_without_newcomer, 2, timeout=50):
         assert elapsed < 20
+
+
+# ---- a cut link on the WAN test bed -----------------------------------------
+
+_CUT_RANK = """
+import json, os, signal, time
+import numpy as np
+import hetcomm
+
+rank = int(os.environ["RANK"])
+comm = hetcomm.Communicator(timeout=60, options=hetcomm.Options(heartbeat=2.0))
+comm.barrier()
+print("ready", flush=True)
+if rank == 2:
+    signal.pause()  # stays up; the test cuts its link
+t0 = time.monotonic()
+try:
+    while True:
+        comm.allreduce(np.ones(10_000, np.float32))
+except hetcomm.PeerLostError as exc:
+    found, text, failed = time.monotonic() - t0, str(exc), exc.failed_ranks
+new = comm.shrink(failed)
+x = np.full(10_000, new.rank + 1.0, np.float32)
+new.allreduce(x)
+print(json.dumps({"found": found, "text": text, "failed": failed, "ok": bool((x == 3.0).all())}), flush=True)
+new.close()
+comm.close()
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_cut_wan_link_is_found_by_heartbeat():
+    import subprocess
+    import sys
+
+    from hetcomm.testbed import netns
+
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(f"WAN test bed unavailable: {why}")
+    with netns.WanTestbed(sites=3, ranks_per_site=1, wan_rate=None, prefix="hcft") as tb:
+        procs = tb.spawn_ranks([sys.executable, "-c", _CUT_RANK], stdout=subprocess.PIPE, text=True)
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        # Rank 2's site loses its WAN link: nothing closes, everything goes silent.
+        subprocess.run(["ip", "-n", tb.site_netns(2), "link", "set", tb.site_ifname(2), "down"], check=True)
+        results = [json.loads(procs[r].communicate(timeout=60)[0].strip().splitlines()[-1]) for r in (0, 1)]
+    for r in results:
+        assert r["failed"] == [2] and r["ok"], r
+        assert r["found"] < 10, r  # heartbeat 2 s; the op timeout is 60 s
+    assert any("nothing came from it for" in r["text"] for r in results), results
