@@ -244,6 +244,9 @@ struct hc_comm {
     struct hc_garbage *garbage; /* rate limit of the "dropped a message" warning */
 };
 
+/* A communicator with its settings (strings copied), queues, pipes and
+ * membership state, but no sockets and no peers' details yet. */
+int hc_comm_alloc(const hc_config *cfg, hc_comm **out);
 /* Numbers the sites and orders the ring (sites kept adjacent). */
 int hc_topology_build(hc_comm *comm);
 /* The /dev/shm name of the lane carrying payloads from src to dst. */
