@@ -257,7 +257,10 @@ int hc_comm_shrink(hc_comm *comm, const int *exclude, int nexclude, int flags, h
  * rank and its links, and ranks size..new_size-1 are newcomers. Give it the
  * newcomers with hc_comm_set_peer, then hc_comm_connect. The newcomers make
  * theirs with hc_comm_create (same comm_id and session_token) and connect to
- * everyone. On success the old communicator only fails ops. */
+ * everyone. On success the old communicator only fails ops. If
+ * hc_comm_connect then fails (a newcomer never came), the grown communicator
+ * keeps the members' links: hc_comm_shrink excluding every newcomer gives
+ * back a working communicator of the members. */
 int hc_comm_grow(hc_comm *comm, int new_size, uint64_t comm_id, uint64_t session_token, hc_comm **out);
 
 /* ---- ops ------------------------------------------------------------ */
