@@ -19,8 +19,17 @@
  *
  * Every function returns an hc_status. After a transport-level failure
  * (timeout, lost peer, mismatch, abort) the communicator is broken: later ops
- * fail at once with HC_ERR_ABORTED naming the first error, as NCCL does,
- * because the ranks can no longer agree on where the byte stream stands.
+ * fail at once naming the first error (HC_ERR_PEER_LOST after a lost peer,
+ * HC_ERR_ABORTED otherwise), as NCCL does, because the ranks can no longer
+ * agree on where the byte stream stands. The links to the live peers stay
+ * up, so a broken communicator can be shrunk (hc_comm_shrink) into a working
+ * one without a new rendezvous, and a running one grown (hc_comm_grow).
+ *
+ * Failures: a peer whose connection closes without a goodbye (it crashed or
+ * was killed) is lost at once; one that goes silent (a cut link) is lost when
+ * no heartbeat came for hc_config.heartbeat_ms. The survivors then agree on
+ * one set of failed ranks (hc_comm_failed_ranks) before the failed op
+ * completes, so every survivor reports the same set.
  *
  * The region between the CDEF markers is read by cffi as well as by the C
  * compiler, so it holds only plain declarations.
@@ -176,11 +185,14 @@ typedef struct hc_config {
     double wan_bandwidth;      /* bytes/s of a link between sites; 0: unknown. With the round
                                   trips measured at connect it raises the size below which
                                   allreduce across sites uses recursive doubling */
+    int heartbeat_ms;          /* a peer silent this long is lost (heartbeats go out at a
+                                  quarter of it); 0: no heartbeats */
 } hc_config;
 
 /* Fills defaults: one stream, 2 MiB chunks, 64 KiB small threshold, 300 s
- * timeout, no codec, no CURVE, 16 MiB shared-memory lanes to peers on the
- * same host (their `host` equal to ours) and site. rank and size are -1. */
+ * timeout, 5 s heartbeat, no codec, no CURVE, 16 MiB shared-memory lanes to
+ * peers on the same host (their `host` equal to ours) and site. rank and
+ * size are -1. */
 void hc_config_init(hc_config *cfg);
 
 int hc_comm_create(const hc_config *cfg, hc_comm **out);
@@ -222,6 +234,34 @@ uint64_t hc_comm_bytes_sent(const hc_comm *comm);
 uint64_t hc_comm_bytes_sent_intersite(const hc_comm *comm);
 /* Forgets the error-feedback residual of `key` (all keys when 0). */
 int hc_comm_reset_residual(hc_comm *comm, uint64_t key);
+
+/* ---- membership: failures, shrink, grow --------------------------------- */
+
+#define HC_SHRINK_DEFAULT 0  /* queued ops finish (or fail) first */
+#define HC_SHRINK_ABORT 1    /* queued and running ops are failed locally first */
+
+/* The ranks this rank holds failed, ascending, into ranks[0..n) (*count gets
+ * how many there are). Waits up to timeout_ms (0: not at all, -1: forever)
+ * for the survivors to agree on the set: HC_OK when they have (or nothing
+ * failed), HC_ERR_TIMEOUT when not yet (ranks then hold this rank's view). */
+int hc_comm_failed_ranks(hc_comm *comm, int timeout_ms, int *ranks, int n, int *count);
+/* Called by every rank not in exclude[0..nexclude), with the same set: a new
+ * communicator of the others over the links the old one holds (no new
+ * rendezvous), ranks renumbered in order, sites, keys and settings kept.
+ * Fails with HC_ERR_MISMATCH if the survivors pass different sets and with
+ * HC_ERR_PEER_LOST if a kept rank is lost (shrink again without it). On
+ * success the old communicator only fails ops; destroy it as usual. */
+int hc_comm_shrink(hc_comm *comm, const int *exclude, int nexclude, int flags, hc_comm **out);
+/* Called by every rank of `comm` at the same point (between collectives):
+ * a new communicator of new_size > size ranks in which this rank keeps its
+ * rank and its links, and ranks size..new_size-1 are newcomers. Give it the
+ * newcomers with hc_comm_set_peer, then hc_comm_connect. The newcomers make
+ * theirs with hc_comm_create (same comm_id and session_token) and connect to
+ * everyone. On success the old communicator only fails ops. If
+ * hc_comm_connect then fails (a newcomer never came), the grown communicator
+ * keeps the members' links: hc_comm_shrink excluding every newcomer gives
+ * back a working communicator of the members. */
+int hc_comm_grow(hc_comm *comm, int new_size, uint64_t comm_id, uint64_t session_token, hc_comm **out);
 
 /* ---- ops ------------------------------------------------------------ */
 
@@ -364,6 +404,9 @@ typedef struct hc_api {
     /* Appended for the torch shim, which owns the communicator it is handed. */
     int (*comm_destroy)(hc_comm *);
     int (*comm_progress)(hc_comm *);
+    /* Appended for shrinking process groups. */
+    int (*comm_failed_ranks)(hc_comm *, int, int *, int, int *);
+    int (*comm_shrink)(hc_comm *, const int *, int, int, hc_comm **);
 } hc_api;
 
 const hc_api *hc_get_api(void);

@@ -50,9 +50,18 @@ static void free_comm(hc_comm *c) {
         free(r->data);
         free(r);
     }
+    for (hc_msg *m = c->future_head, *next; m; m = next) {
+        next = m->next;
+        hc_tp_release_msg(c, m);
+        free(m);
+    }
+    hc_member_free(c);
     free(c->peers);
     free(c->ring);
     free(c->items);
+    free(c->idle_items);
+    free(c->sleep_items);
+    free(c->garbage);
     for (int i = 0; i < HC_SCRATCH_SLOTS; i++) free(c->scratch[i]);
     free(c->name);
     free(c->site);
@@ -68,6 +77,42 @@ static void free_comm(hc_comm *c) {
 }
 
 static int valid_key(const char *k) { return k && strlen(k) == 40; }
+
+int hc_comm_alloc(const hc_config *cfg, hc_comm **out) {
+    hc_comm *c = calloc(1, sizeof *c);
+    if (!c) return HC_ERR_NO_MEMORY;
+    c->wake_fd[0] = c->wake_fd[1] = -1;
+    pthread_mutex_init(&c->qmu, NULL);
+    pthread_mutex_init(&c->engine, NULL);
+    memcpy(&c->cfg, cfg, cfg->struct_size < sizeof c->cfg ? cfg->struct_size : sizeof c->cfg);
+    c->rank = cfg->rank;
+    c->size = cfg->size;
+    c->name = dup_or_empty(cfg->name);
+    c->site = dup_or_empty(cfg->site);
+    c->host = dup_or_empty(cfg->host);
+    c->bind_address = dup_or_empty(cfg->bind_address);
+    c->curve_public_key = cfg->curve_enable ? strdup(cfg->curve_public_key) : NULL;
+    c->curve_secret_key = cfg->curve_enable ? strdup(cfg->curve_secret_key) : NULL;
+    c->cfg.name = c->name;
+    c->cfg.site = c->site;
+    c->cfg.host = c->host;
+    c->cfg.bind_address = c->bind_address;
+    c->cfg.curve_public_key = c->curve_public_key;
+    c->cfg.curve_secret_key = c->curve_secret_key;
+    atomic_init(&c->status, HC_OK);
+    c->peers = calloc((size_t)c->size, sizeof *c->peers);
+    c->tx = hc_tx_new();
+    if (!c->peers || !c->tx || pipe(c->wake_fd) != 0 || hc_member_init(c) != HC_OK) {
+        hc_set_last_error("hc_comm_create: out of memory or file descriptors");
+        hc_tx_free(c->tx);
+        free_comm(c);
+        return HC_ERR_NO_MEMORY;
+    }
+    for (int i = 0; i < 2; i++) fcntl(c->wake_fd[i], F_SETFL, fcntl(c->wake_fd[i], F_GETFL) | O_NONBLOCK);
+    for (int r = 0; r < c->size; r++) c->peers[r].rank = r;
+    *out = c;
+    return HC_OK;
+}
 
 int hc_comm_create(const hc_config *cfg, hc_comm **out) {
     if (!out) {
@@ -99,42 +144,13 @@ int hc_comm_create(const hc_config *cfg, hc_comm **out) {
         hc_set_last_error("hc_comm_create: CURVE is enabled but the key pair is missing or not 40-char Z85");
         return HC_ERR_INVALID_ARGUMENT;
     }
-    hc_comm *c = calloc(1, sizeof *c);
-    if (!c) return HC_ERR_NO_MEMORY;
-    c->wake_fd[0] = c->wake_fd[1] = -1;
-    pthread_mutex_init(&c->qmu, NULL);
-    pthread_mutex_init(&c->engine, NULL);
-    memset(&c->cfg, 0, sizeof c->cfg);
-    memcpy(&c->cfg, cfg, cfg->struct_size < sizeof c->cfg ? cfg->struct_size : sizeof c->cfg);
-    c->rank = cfg->rank;
-    c->size = cfg->size;
-    c->name = dup_or_empty(cfg->name);
-    c->site = dup_or_empty(cfg->site);
-    c->host = dup_or_empty(cfg->host);
-    c->bind_address = dup_or_empty(cfg->bind_address);
-    c->curve_public_key = cfg->curve_enable ? strdup(cfg->curve_public_key) : NULL;
-    c->curve_secret_key = cfg->curve_enable ? strdup(cfg->curve_secret_key) : NULL;
-    c->cfg.name = c->name;
-    c->cfg.site = c->site;
-    c->cfg.host = c->host;
-    c->cfg.bind_address = c->bind_address;
-    c->cfg.curve_public_key = c->curve_public_key;
-    c->cfg.curve_secret_key = c->curve_secret_key;
-    atomic_init(&c->status, HC_OK);
-    c->peers = calloc((size_t)c->size, sizeof *c->peers);
-    c->tx = hc_tx_new();
-    int rc = HC_OK;
-    if (!c->peers || !c->tx || pipe(c->wake_fd) != 0) {
-        hc_set_last_error("hc_comm_create: out of memory or file descriptors");
-        rc = HC_ERR_NO_MEMORY;
-    } else {
-        for (int i = 0; i < 2; i++) fcntl(c->wake_fd[i], F_SETFL, fcntl(c->wake_fd[i], F_GETFL) | O_NONBLOCK);
-        for (int r = 0; r < c->size; r++) c->peers[r].rank = r;
-        hc_peer *self = &c->peers[c->rank];
-        self->site_name = strdup(c->site);
-        self->host = strdup(c->host);
-        rc = hc_tp_bind(c);
-    }
+    hc_comm *c;
+    int rc = hc_comm_alloc(cfg, &c);
+    if (rc != HC_OK) return rc;
+    hc_peer *self = &c->peers[c->rank];
+    self->site_name = strdup(c->site);
+    self->host = strdup(c->host);
+    rc = hc_tp_bind(c);
     if (rc != HC_OK) {
         hc_tp_close_all(c, 0);
         hc_tx_free(c->tx);
@@ -175,7 +191,8 @@ int hc_comm_set_peer(hc_comm *c, int peer, const char *endpoint, const char *sit
 
 /* Sites are numbered by first appearance in rank order; the ring visits them
  * one after another so each link between sites is crossed once per pass. */
-static int build_topology(hc_comm *c) {
+int hc_topology_build(hc_comm *c) {
+    free(c->ring);
     c->ring = malloc((size_t)c->size * sizeof(int));
     if (!c->ring) return HC_ERR_NO_MEMORY;
     c->nsites = 0;
@@ -209,7 +226,8 @@ static void open_lanes(hc_comm *c) {
     size_t nslots = c->cfg.shm_bytes / c->cfg.chunk_bytes;
     for (int r = 0; r < c->size; r++) {
         hc_peer *p = &c->peers[r];
-        if (r == c->rank || p->site != c->peers[c->rank].site || strcmp(p->host, c->host) != 0) continue;
+        if (r == c->rank || p->inherited || p->site != c->peers[c->rank].site || strcmp(p->host, c->host) != 0)
+            continue;
         char name[64];
         hc_lane_name(c, c->rank, r, name, sizeof name);
         p->tx_lane = hc_lane_create(name, nslots < 2 ? 2 : (uint32_t)nslots, c->cfg.chunk_bytes);
@@ -230,17 +248,20 @@ int hc_comm_connect(hc_comm *c) {
             hc_set_last_error("hc_comm_connect: rank %d: no endpoint was set for rank %d", c->rank, r);
             return HC_ERR_STATE;
         }
-    int rc = build_topology(c);
+    int rc = hc_topology_build(c);
     for (int r = 0; rc == HC_OK && r < c->size; r++)
-        if (r != c->rank) rc = hc_tp_connect_peer(c, &c->peers[r]);
+        if (r != c->rank && !c->peers[r].inherited) rc = hc_tp_connect_peer(c, &c->peers[r]);
     if (rc == HC_OK) {
         open_lanes(c);
         hc_tp_build_pollset(c);
         rc = c->items ? hc_progress_handshake(c) : HC_ERR_NO_MEMORY;
     }
     if (rc != HC_OK) {
-        /* Leave it unusable but destroyable; the error is in hc_last_error(). */
-        hc_tp_close_peers(c, 0);
+        /* Leave it unusable but destroyable; the error is in hc_last_error().
+         * A grown communicator keeps its members' links, so that it can be
+         * shrunk back to them (hc_comm_shrink excluding the newcomers). */
+        for (int r = 0; r < c->size; r++)
+            if (r != c->rank && !c->peers[r].inherited) hc_tp_close_peer(c, &c->peers[r]);
         return rc;
     }
     for (int r = 0; r < c->size; r++) {
@@ -252,6 +273,8 @@ int hc_comm_connect(hc_comm *c) {
     if (c->wan_in_flight)
         hc_log(HC_LOG_DEBUG, "%s: rank %d: allreduce below %zu bytes uses recursive doubling (one WAN trip)",
                c->name, c->rank, c->wan_in_flight > c->cfg.small_bytes ? c->wan_in_flight : c->cfg.small_bytes);
+    int64_t now = hc_now_ns();
+    for (int r = 0; r < c->size; r++) c->peers[r].last_heard_ns = c->peers[r].last_beat_ns = now;
     c->connected = 1;
     if (pthread_create(&c->worker, NULL, hc_worker_main, c) != 0) {
         hc_set_last_error("hc_comm_connect: cannot start the worker thread");
@@ -314,11 +337,17 @@ int hc_comm_destroy(hc_comm *c) {
         char b = 1;
         (void)!write(c->wake_fd[1], &b, 1);
         pthread_join(c->worker, NULL);
+        c->worker_started = 0;
     }
+    /* A goodbye tells the peers this close is on purpose, not a crash. */
+    hc_wire_header bye;
+    hc_wire_header_init(&bye, c, HC_MSG_BYE);
+    for (int r = 0; c->connected && r < c->size; r++)
+        if (r != c->rank) hc_tp_send_ctl(c, &c->peers[r], &bye, NULL, 0);
     hc_tp_close_all(c, HC_CLOSE_LINGER_MS);
     /* Lingering sockets may still hold zero-copy buffers; the tracker must
      * outlive them, so it is leaked rather than freed if they do not drain. */
-    if (hc_tx_wait(c->tx, -1, HC_CLOSE_LINGER_MS + 5000) == HC_OK)
+    if (!c->tx || hc_tx_wait(c->tx, -1, HC_CLOSE_LINGER_MS + 5000) == HC_OK)
         hc_tx_free(c->tx);
     else
         hc_log(HC_LOG_ERROR, "%s: rank %d: ZeroMQ still holds send buffers at destroy", c->name, c->rank);

@@ -17,7 +17,7 @@
 #include "transport/zmq_lib.h"
 
 #define HC_ERROR_LEN 1024
-#define HC_MAX_INBOXES 3
+#define HC_MAX_INBOXES 3 /* per plane: tcp, ipc, CURVE */
 /* Work buffers the worker keeps between ops (see hc_comm_scratch). */
 enum { HC_SCRATCH_WORK, HC_SCRATCH_TMP, HC_SCRATCH_INDEX, HC_SCRATCH_ARENA, HC_SCRATCH_STAGE, HC_SCRATCH_SLOTS };
 
@@ -49,7 +49,7 @@ typedef struct hc_msg {
     int has_payload_frame;
     const uint8_t *data;
     size_t len;
-    int inbox;           /* which inbox it came in on (plain, ipc, secure) */
+    int inbox;           /* which inbox it came in on: data inbox i, or -1 - i for control inbox i */
     hc_lane *lane;       /* payload is in this lane's `slot`, freed on release */
     uint32_t slot;
     struct hc_msg *next;
@@ -89,6 +89,16 @@ hc_op *hc_op_new(hc_comm *comm, hc_op_kind kind, const hc_call_opts *opts);
 void hc_op_complete(hc_op *op, int status, const char *error);
 int hc_op_failf(hc_op *op, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* The call of a collective that completed, kept for the last few: a late
+ * message of one of them is then told apart from a mismatch. */
+#define HC_RECENT_OPS 8
+typedef struct hc_call_sig {
+    uint64_t seq;
+    size_t count;
+    hc_op_kind kind;
+    int dtype, redop, root, codec;
+} hc_call_sig;
+
 /* ---- peers and communicators ---- */
 
 typedef struct hc_peer {
@@ -102,7 +112,9 @@ typedef struct hc_peer {
     int secure;           /* CURVE on this link */
     int nstreams;
     void **streams;       /* PUSH sockets, one per TCP stream */
-    void *monitor;        /* PAIR receiving stream 0's socket events */
+    void *ctl;            /* PUSH socket to the peer's control inbox */
+    char ctl_url[256];
+    void *monitor;        /* PAIR receiving the control socket's events */
     int hellos;           /* greetings received (one per stream of theirs) */
     int peer_streams;     /* how many streams the peer opened to this rank */
     int ready;            /* its READY arrived (handshake complete) */
@@ -115,6 +127,16 @@ typedef struct hc_peer {
     int tx_lane_ok;
     int gone;             /* its connection dropped */
     int64_t gone_ns;
+    int said_bye;         /* it announced a clean close (BYE) */
+    int left;             /* it closed cleanly: waits on it fail, the communicator stays usable */
+    int64_t last_heard_ns; /* anything arrived from it */
+    int64_t last_beat_ns; /* this rank's last heartbeat to it */
+    int acked;            /* coordinator: its last FAULT bitmap equals this rank's */
+    int inherited;        /* the link came from the communicator this one was reshaped from */
+    int reshape_seen;     /* its RESHAPE arrived: it entered the same shrink or grow */
+    uint64_t reshape_id;
+    int reshape_size;
+    uint8_t *reshape_keep; /* the ranks it keeps (bitmap) */
     hc_msg *stash_head, *stash_tail; /* collective messages not yet asked for */
     uint32_t tx_part, rx_part;       /* message counters of the running op */
 } hc_peer;
@@ -157,10 +179,12 @@ struct hc_comm {
 
     void *zctx;
     int own_ctx;
-    void *inbox[HC_MAX_INBOXES];
+    void *inbox[HC_MAX_INBOXES];   /* data plane */
     int ninbox;
+    void *ctl_inbox[HC_MAX_INBOXES]; /* control plane: heartbeats, faults, aborts, reshapes */
+    int nctl;
     void *secure_monitor;   /* auth failures on the CURVE inbox */
-    char endpoint[768];
+    char endpoint[1536];
     hc_peer *peers;
     int connected;
 
@@ -189,6 +213,17 @@ struct hc_comm {
     atomic_int status;
     char error[HC_ERROR_LEN];
 
+    /* membership (core/membership.c); the engine holder writes, member_mu
+     * guards what other threads read */
+    pthread_mutex_t member_mu;
+    pthread_cond_t member_cv;   /* signalled when an agreement is reached */
+    uint8_t *failed;            /* failed[r]: this rank holds r failed */
+    int nfailed;
+    int agreed;                 /* the survivors agreed on `failed` */
+    int excluded;               /* the others hold this rank failed */
+    int64_t heartbeat_ns;       /* silence that makes a peer lost; 0: off */
+    int reshaped;               /* shrunk or grown into another communicator */
+
     /* point-to-point matching (worker only) */
     hc_op *recv_pending_head, *recv_pending_tail;
     hc_msg *unexpected_head, *unexpected_tail;
@@ -197,6 +232,10 @@ struct hc_comm {
     hc_zmq_pollitem *items;
     int nitems;
     int npinned;            /* items before the peers' monitors */
+    hc_zmq_pollitem *idle_items; /* what an idle worker watches: control inboxes, wake pipe, monitors */
+    int nidle;
+    hc_zmq_pollitem *sleep_items; /* the worker's own copy, polled without the engine */
+    int nsleep, sleep_cap;
     hc_msg *free_msgs;
     hc_residual *residuals;
     void *scratch[HC_SCRATCH_SLOTS]; /* grow-only work buffers of the worker */
@@ -204,8 +243,23 @@ struct hc_comm {
 
     atomic_uint_fast64_t bytes_sent;
     atomic_uint_fast64_t bytes_sent_intersite;
+
+    /* reshaping (core/reshape.c): while a shrink or grow hands the links to
+     * the next communicator, messages already sent under its id are kept */
+    hc_call_sig recent[HC_RECENT_OPS]; /* by seq % HC_RECENT_OPS (worker only) */
+    uint64_t next_comm_id;
+    uint64_t reshape_tried; /* id of a reshape that failed here: peers' RESHAPEs for it are stale */
+    hc_msg *future_head, *future_tail;
+    uint64_t ancestors[4];  /* ids of the communicators this one was made from: their
+                               late messages are dropped without a warning */
+    struct hc_garbage *garbage; /* rate limit of the "dropped a message" warning */
 };
 
+/* A communicator with its settings (strings copied), queues, pipes and
+ * membership state, but no sockets and no peers' details yet. */
+int hc_comm_alloc(const hc_config *cfg, hc_comm **out);
+/* Numbers the sites and orders the ring (sites kept adjacent). */
+int hc_topology_build(hc_comm *comm);
 /* The /dev/shm name of the lane carrying payloads from src to dst. */
 void hc_lane_name(const hc_comm *comm, int src, int dst, char *buf, size_t len);
 /* A work buffer of at least `bytes` that stays with the communicator, so
@@ -255,6 +309,8 @@ int hc_xfail(hc_exec *x, int status, const char *fmt, ...) __attribute__((format
 
 /* ---- progress engine (core/progress.c) ---- */
 
+/* Records the call of a collective that completed here. */
+void hc_progress_remember(hc_comm *comm, const hc_op *op);
 /* Checks messages that came early for this op (or stale ones) before it runs. */
 int hc_progress_check_stash(hc_comm *comm, hc_op *op);
 /* Waits for message number `part` of collective `seq` from `src`. */
@@ -267,9 +323,13 @@ void hc_progress_idle(hc_comm *comm);
 /* Whether the idle worker must watch the sockets (pending receives, p2p
  * work, a broken communicator to wind down) or may just wait to be woken. */
 int hc_progress_needs_sockets(hc_comm *comm);
-/* Blocks until the wake-up pipe has a byte; leaves it there, since a caller
- * running an op inline may be waiting on the same pipe. */
-void hc_progress_sleep(hc_comm *comm);
+/* Blocks until the wake-up pipe has a byte, a control message or monitor
+ * event may have come, or timeout_ms (-1: none) passed; leaves the byte
+ * there, since a caller running an op inline may be waiting on the same
+ * pipe. Polls the copy hc_progress_snapshot_idle made, without the engine. */
+void hc_progress_sleep(hc_comm *comm, long timeout_ms);
+/* Copies what an idle worker watches, for hc_progress_sleep; engine held. */
+int hc_progress_snapshot_idle(hc_comm *comm);
 /* Empties the wake-up pipe; engine held. */
 void hc_progress_clear_wakeups(hc_comm *comm);
 /* Runs one collective and completes it; engine held. */
@@ -289,6 +349,46 @@ size_t hc_wan_in_flight_estimate(const hc_comm *comm);
 hc_msg *hc_msg_alloc(hc_comm *comm);
 void hc_msg_free(hc_comm *comm, hc_msg *m);
 
+/* ---- membership (core/membership.c) ---- */
+
+int hc_member_init(hc_comm *comm);
+void hc_member_free(hc_comm *comm);
+/* Holds `rank` failed (once): breaks the communicator with HC_ERR_PEER_LOST,
+ * drops the links to it and tells the survivors. Engine held. */
+void hc_member_fail(hc_comm *comm, int rank, const char *why);
+/* A FAULT or DECIDE message from a peer. Engine held. */
+void hc_member_on_message(hc_comm *comm, const hc_msg *m);
+/* Sends the heartbeats that are due and fails peers that went silent or whose
+ * connection dropped without a goodbye; returns ms until the next deadline
+ * (-1: none). Engine held. */
+long hc_member_tick(hc_comm *comm, int64_t now);
+/* The survivors agreed on the failed set, or this rank was excluded, or no
+ * one is left to agree with. */
+int hc_member_settled(const hc_comm *comm);
+/* How long a failed op waits for that agreement and for its buffers, beyond
+ * one heartbeat interval. */
+#define HC_SETTLE_MS 1000
+/* "[1, 3]": the failed ranks. */
+const char *hc_member_list(const hc_comm *comm, char *buf, size_t len);
+/* Bitmaps on the wire: one bit per rank. */
+static inline size_t hc_bitmap_bytes(int n) { return ((size_t)n + 7) / 8; }
+static inline int hc_bit(const uint8_t *b, int i) { return (b[i / 8] >> (i % 8)) & 1; }
+static inline void hc_set_bit(uint8_t *b, int i) { b[i / 8] |= (uint8_t)(1u << (i % 8)); }
+
+/* Drives the progress engine with no op running until done(comm, arg) holds
+ * or the deadline passes (HC_ERR_TIMEOUT); engine held. Control messages,
+ * faults and heartbeats are served meanwhile. */
+int hc_progress_until(hc_comm *comm, int (*done)(hc_comm *, void *), void *arg, int64_t deadline_ns);
+/* What the idle worker does when woken by the control plane or a timer:
+ * serve control messages, monitors and heartbeats. Engine held. Returns ms
+ * until the next timer (-1: none). */
+long hc_progress_housekeeping(hc_comm *comm);
+
+/* ---- reshaping (core/reshape.c) ---- */
+
+/* A RESHAPE message from a peer: it entered a shrink or grow. Engine held. */
+void hc_reshape_on_message(hc_comm *comm, const hc_msg *m);
+
 /* ---- transport (transport/zmq.c) ---- */
 
 int hc_tp_bind(hc_comm *comm);
@@ -297,6 +397,13 @@ void hc_tp_build_pollset(hc_comm *comm);
 /* Sends header + payload to peer on the stream chosen by header->part. */
 int hc_tp_send(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payload,
                size_t len, int tx_group /* -1: copy */);
+/* Sends a control message (copied) on the peer's control connection. */
+int hc_tp_send_ctl(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payload, size_t len);
+/* Closes every link to one peer (linger 0: what it never took is dropped,
+ * which releases the zero-copy buffers queued for it). */
+void hc_tp_close_peer(hc_comm *comm, hc_peer *peer);
+/* Non-blocking receive from control inbox `i`, like hc_tp_try_recv. */
+int hc_tp_try_recv_ctl(hc_comm *comm, int i, hc_msg **out);
 /* Non-blocking: 1 and *out set when a message was waiting, 0 when none, or
  * a negative hc_status (as -status) on failure. */
 int hc_tp_try_recv(hc_comm *comm, int inbox, hc_msg **out);

@@ -13,18 +13,30 @@
 #include <stdint.h>
 
 #define HC_WIRE_MAGIC 0x314d4348u /* "HCM1" little-endian */
-#define HC_WIRE_VERSION 1
+#define HC_WIRE_VERSION 3
 
+/*
+ * Data-plane kinds travel on a peer's data streams; the control kinds on its
+ * control connection (a socket of their own, so a heartbeat or a fault
+ * notice never waits behind megabytes of data, and an idle rank can watch
+ * them without touching the data inboxes).
+ */
 typedef enum hc_msg_kind {
     HC_MSG_HELLO = 1, /* greeting on each stream after connecting */
     HC_MSG_DATA = 2,  /* part of a collective */
     HC_MSG_P2P = 3,   /* a point-to-point send */
-    HC_MSG_ABORT = 4, /* the sender broke the communicator; payload: reason */
+    HC_MSG_ABORT = 4, /* control: the sender broke the communicator; payload: reason */
     HC_MSG_READY = 5, /* after all greetings: which shared-memory lanes work */
     HC_MSG_CREDIT = 6, /* a lane slot was freed while its sender waited for one */
-    HC_MSG_PING = 7,   /* after the handshake: count = sender's clock, echoed by */
+    HC_MSG_PING = 7,   /* control, after the greetings: count = sender's clock, echoed by */
     HC_MSG_PONG = 8,   /* the reply, so the sender measures the round trip */
-    HC_MSG_LINKS = 9,  /* after the pongs: count = the sender's WAN in-flight estimate (bytes) */
+    HC_MSG_LINKS = 9,  /* control, after the pongs: count = the sender's WAN in-flight estimate (bytes) */
+    HC_MSG_HEARTBEAT = 10, /* control: the sender is alive */
+    HC_MSG_BYE = 11,   /* control, at destroy: the sender closes on purpose (not a crash) */
+    HC_MSG_FAULT = 12, /* control: payload = bitmap of the ranks the sender holds failed */
+    HC_MSG_DECIDE = 13, /* control, from the coordinator: payload = the agreed failed bitmap */
+    HC_MSG_RESHAPE = 14, /* control: the sender entered a shrink or grow; count = the new communicator's
+                            id, root = its size, payload = bitmap of the ranks it keeps */
 } hc_msg_kind;
 
 enum {

@@ -1,7 +1,8 @@
 /*
  * The ZeroMQ transport: one inbox (PULL) per kind of link this rank accepts,
- * and per peer a PUSH socket per TCP stream, plus a monitor that reports when
- * the peer's connection drops.
+ * for each of two planes (data, and control: heartbeats, faults, aborts,
+ * reshapes), and per peer a PUSH socket per TCP stream, one to its control
+ * inbox, and a monitor that reports when the control connection drops.
  *
  * PUSH/PULL with one connection per PUSH socket keeps every stream in order
  * and lets the receiver match messages by header instead of by socket, so
@@ -108,12 +109,17 @@ static void tx_release(void *data, void *hint) { tx_add((hc_txgroup *)hint, -1);
 
 /* ---- inboxes ---- */
 
-static int bind_inbox(hc_comm *c, const char *base, int secure, char *endpoint, size_t len) {
+/* Connections that never finish the ZeroMQ greeting (a port scanner, a
+ * stray client) are dropped after this, so they cannot pile up. */
+#define HC_HANDSHAKE_IVL_MS 10000
+
+static int bind_inbox(hc_comm *c, const char *base, int secure, int control, char *endpoint, size_t len) {
     void *s = hc_zmq.socket(c->zctx, HC_ZMQ_PULL);
     if (!s) return zerr("zmq_socket(PULL)", NULL);
     set_int(s, HC_ZMQ_RCVHWM, 0);
     set_int(s, HC_ZMQ_LINGER, 0);
-    if (c->cfg.rcvbuf_bytes > 0) set_int(s, HC_ZMQ_RCVBUF, c->cfg.rcvbuf_bytes);
+    set_int(s, HC_ZMQ_HANDSHAKE_IVL, HC_HANDSHAKE_IVL_MS);
+    if (c->cfg.rcvbuf_bytes > 0 && !control) set_int(s, HC_ZMQ_RCVBUF, c->cfg.rcvbuf_bytes);
     if (secure) {
         set_int(s, HC_ZMQ_CURVE_SERVER, 1);
         hc_zmq.setsockopt(s, HC_ZMQ_CURVE_SECRETKEY, c->curve_secret_key, 40);
@@ -123,8 +129,8 @@ static int bind_inbox(hc_comm *c, const char *base, int secure, char *endpoint, 
     if (strncmp(base, "tcp://", 6) == 0)
         snprintf(addr, sizeof addr, "%s:*", base);
     else
-        snprintf(addr, sizeof addr, "%s/hc-%d-%016llx-%d%s", base, (int)getpid(),
-                 (unsigned long long)c->cfg.comm_id, c->rank, secure ? "-s" : "");
+        snprintf(addr, sizeof addr, "%s/hc-%d-%016llx-%d%s%s", base, (int)getpid(),
+                 (unsigned long long)c->cfg.comm_id, c->rank, secure ? "-s" : "", control ? "-c" : "");
     if (hc_zmq.bind(s, addr) != 0) {
         int rc = zerr("cannot bind", addr);
         hc_zmq.close(s);
@@ -132,8 +138,25 @@ static int bind_inbox(hc_comm *c, const char *base, int secure, char *endpoint, 
     }
     size_t n = len;
     hc_zmq.getsockopt(s, HC_ZMQ_LAST_ENDPOINT, endpoint, &n);
-    c->inbox[c->ninbox++] = s;
+    if (control)
+        c->ctl_inbox[c->nctl++] = s;
+    else
+        c->inbox[c->ninbox++] = s;
     return HC_OK;
+}
+
+/* A data inbox and a control inbox on one base; published as "kind=url;ctl-kind=url". */
+static void append_endpoint(hc_comm *c, const char *kind, const char *url);
+
+static int bind_pair(hc_comm *c, const char *base, int secure, const char *kind) {
+    char url[256] = "";
+    int rc = bind_inbox(c, base, secure, 0, url, sizeof url);
+    if (rc != HC_OK) return rc;
+    append_endpoint(c, kind, url);
+    char ctl_kind[32];
+    snprintf(ctl_kind, sizeof ctl_kind, "ctl-%s", kind);
+    if ((rc = bind_inbox(c, base, secure, 1, url, sizeof url)) == HC_OK) append_endpoint(c, ctl_kind, url);
+    return rc;
 }
 
 /* Refused CURVE handshakes show up only as socket events on the server side. */
@@ -176,9 +199,7 @@ int hc_tp_bind(hc_comm *c) {
             rc = HC_ERR_INVALID_ARGUMENT;
             break;
         }
-        char url[256] = "";
-        rc = bind_inbox(c, base, 0, url, sizeof url);
-        if (rc == HC_OK) append_endpoint(c, tcp ? "tcp" : "ipc", url);
+        rc = bind_pair(c, base, 0, tcp ? "tcp" : "ipc");
         if (tcp && !first_tcp) first_tcp = base;
     }
     if (rc == HC_OK && c->cfg.curve_enable) {
@@ -186,9 +207,7 @@ int hc_tp_bind(hc_comm *c) {
             hc_set_last_error("CURVE needs a tcp:// bind address");
             rc = HC_ERR_INVALID_ARGUMENT;
         } else {
-            char url[256] = "";
-            rc = bind_inbox(c, first_tcp, 1, url, sizeof url);
-            if (rc == HC_OK) append_endpoint(c, "curve", url);
+            rc = bind_pair(c, first_tcp, 1, "curve");
             if (rc == HC_OK) rc = monitor_secure_inbox(c);
         }
     }
@@ -220,11 +239,18 @@ static int has_ipc_inbox(const hc_comm *c) { return strstr(c->endpoint, "ipc=") 
 
 /* Which of the peer's inboxes to use: CURVE across sites when enabled, ipc
  * on the same host when both offer it, plain tcp otherwise. */
+static int use_kind(hc_peer *p, const char *kind) {
+    char ctl_kind[32];
+    snprintf(ctl_kind, sizeof ctl_kind, "ctl-%s", kind);
+    return endpoint_of(p->endpoints, kind, p->url, sizeof p->url) &&
+           endpoint_of(p->endpoints, ctl_kind, p->ctl_url, sizeof p->ctl_url);
+}
+
 static int choose_url(hc_comm *c, hc_peer *p) {
     int other_site = p->site != c->peers[c->rank].site;
     p->secure = 0;
     if (other_site && c->cfg.curve_enable) {
-        if (!p->curve_key || !endpoint_of(p->endpoints, "curve", p->url, sizeof p->url)) {
+        if (!p->curve_key || !use_kind(p, "curve")) {
             hc_set_last_error("CURVE is on for links between sites, but rank %d published no "
                               "CURVE key or endpoint (endpoints '%s')", p->rank, p->endpoints);
             return HC_ERR_AUTH;
@@ -234,15 +260,15 @@ static int choose_url(hc_comm *c, hc_peer *p) {
     }
     /* Never ipc:// across sites, even on one machine (an emulated WAN would be bypassed). */
     if (!other_site && p->host && c->host && *c->host && strcmp(p->host, c->host) == 0 && has_ipc_inbox(c) &&
-        endpoint_of(p->endpoints, "ipc", p->url, sizeof p->url))
+        use_kind(p, "ipc"))
         return HC_OK;
-    if (endpoint_of(p->endpoints, "tcp", p->url, sizeof p->url)) return HC_OK;
+    if (use_kind(p, "tcp")) return HC_OK;
     hc_set_last_error("rank %d published no endpoint this rank can use ('%s')", p->rank,
                       p->endpoints);
     return HC_ERR_INVALID_ARGUMENT;
 }
 
-static int open_stream(hc_comm *c, hc_peer *p, void **out) {
+static int open_stream(hc_comm *c, hc_peer *p, int control, void **out) {
     void *s = hc_zmq.socket(c->zctx, HC_ZMQ_PUSH);
     if (!s) return zerr("zmq_socket(PUSH)", NULL);
     int other_site = p->site != c->peers[c->rank].site;
@@ -250,7 +276,7 @@ static int open_stream(hc_comm *c, hc_peer *p, void **out) {
     set_int(s, HC_ZMQ_LINGER, -1);
     set_int(s, HC_ZMQ_RECONNECT_IVL, 100);
     set_int(s, HC_ZMQ_TCP_KEEPALIVE, 1);
-    if (other_site && c->cfg.sndbuf_bytes > 0) set_int(s, HC_ZMQ_SNDBUF, c->cfg.sndbuf_bytes);
+    if (other_site && c->cfg.sndbuf_bytes > 0 && !control) set_int(s, HC_ZMQ_SNDBUF, c->cfg.sndbuf_bytes);
     if (p->secure) {
         hc_zmq.setsockopt(s, HC_ZMQ_CURVE_SERVERKEY, p->curve_key, 40);
         hc_zmq.setsockopt(s, HC_ZMQ_CURVE_PUBLICKEY, c->curve_public_key, 40);
@@ -268,19 +294,22 @@ int hc_tp_connect_peer(hc_comm *c, hc_peer *p) {
     p->streams = calloc((size_t)p->nstreams, sizeof(void *));
     if (!p->streams) return HC_ERR_NO_MEMORY;
     for (int i = 0; i < p->nstreams; i++)
-        if ((rc = open_stream(c, p, &p->streams[i])) != HC_OK) return rc;
+        if ((rc = open_stream(c, p, 0, &p->streams[i])) != HC_OK) return rc;
+    if ((rc = open_stream(c, p, 1, &p->ctl)) != HC_OK) return rc;
 
     /* The monitor must exist before connecting, or an early drop is missed. */
+    static atomic_uint monitors;
     char mon[96];
-    snprintf(mon, sizeof mon, "inproc://hc-monitor-%p-%d", (void *)c, p->rank);
+    snprintf(mon, sizeof mon, "inproc://hc-monitor-%u", atomic_fetch_add(&monitors, 1));
     int events = HC_ZMQ_EVENT_DISCONNECTED | HC_ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
                  HC_ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | HC_ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL;
-    if (hc_zmq.socket_monitor(p->streams[0], mon, events) != 0) return zerr("zmq_socket_monitor", mon);
+    if (hc_zmq.socket_monitor(p->ctl, mon, events) != 0) return zerr("zmq_socket_monitor", mon);
     p->monitor = hc_zmq.socket(c->zctx, HC_ZMQ_PAIR);
     if (!p->monitor || hc_zmq.connect(p->monitor, mon) != 0) return zerr("monitor connect", mon);
 
     for (int i = 0; i < p->nstreams; i++)
         if (hc_zmq.connect(p->streams[i], p->url) != 0) return zerr("cannot connect to", p->url);
+    if (hc_zmq.connect(p->ctl, p->ctl_url) != 0) return zerr("cannot connect to", p->ctl_url);
     hc_log(HC_LOG_DEBUG, "%s: rank %d -> rank %d via %s (%d stream%s%s)", c->name, c->rank,
            p->rank, p->url, p->nstreams, p->nstreams > 1 ? "s" : "", p->secure ? ", CURVE" : "");
     return HC_OK;
@@ -398,6 +427,12 @@ int hc_tp_send(hc_comm *c, hc_peer *p, hc_wire_header *h, const void *payload, s
     return HC_OK;
 }
 
+int hc_tp_send_ctl(hc_comm *c, hc_peer *p, hc_wire_header *h, const void *payload, size_t len) {
+    if (!p->ctl) return HC_OK; /* closed: the peer is failed or gone */
+    h->len = len;
+    return send_inline(p->ctl, h, payload, len);
+}
+
 /* ---- receive ---- */
 
 void hc_tp_release_msg(hc_comm *c, hc_msg *m) {
@@ -443,8 +478,13 @@ static int read_lane(hc_comm *c, hc_msg *m, size_t frame_bytes) {
     return 1;
 }
 
-int hc_tp_try_recv(hc_comm *c, int inbox, hc_msg **out) {
-    void *s = c->inbox[inbox];
+static int try_recv(hc_comm *c, void *s, int inbox, hc_msg **out);
+
+int hc_tp_try_recv(hc_comm *c, int inbox, hc_msg **out) { return try_recv(c, c->inbox[inbox], inbox, out); }
+
+int hc_tp_try_recv_ctl(hc_comm *c, int i, hc_msg **out) { return try_recv(c, c->ctl_inbox[i], -1 - i, out); }
+
+static int try_recv(hc_comm *c, void *s, int inbox, hc_msg **out) {
     hc_msg *m = hc_msg_alloc(c);
     if (!m) return -HC_ERR_NO_MEMORY;
     hc_zmq.msg_init(&m->frame);
@@ -462,7 +502,9 @@ int hc_tp_try_recv(hc_comm *c, int inbox, hc_msg **out) {
     if (n >= sizeof m->h) memcpy(&m->h, d, sizeof m->h);
     if ((m->h.flags & HC_WIRE_SHM) && (m->h.kind == HC_MSG_DATA || m->h.kind == HC_MSG_P2P)) {
         *out = m;
-        if (!read_lane(c, m, n)) m->h.magic = 0;
+        /* Lanes belong to this communicator: late messages of the one it was
+         * reshaped from name ranks of another numbering (dispatch drops them). */
+        if (m->h.comm_id == c->cfg.comm_id && !read_lane(c, m, n)) m->h.magic = 0;
         return 1;
     }
     if (hc_zmq.msg_more(&m->frame)) {
@@ -505,46 +547,83 @@ int hc_tp_read_event(void *monitor) {
 
 /* ---- poll set: inboxes, wake pipe, tx pipe, then one monitor per peer ---- */
 
+/* The idle worker does not hold the engine, so it must not touch a socket:
+ * it polls the sockets' notification descriptors instead (ZMQ_FD, read once
+ * here by the thread that owns them). They may wake it needlessly; the
+ * worker then takes the engine, drains, and the descriptor quiets down. */
+static hc_zmq_pollitem fd_item(void *socket) {
+    int fd = -1;
+    size_t n = sizeof fd;
+    hc_zmq.getsockopt(socket, HC_ZMQ_FD, &fd, &n);
+    return (hc_zmq_pollitem){NULL, fd, HC_ZMQ_POLLIN, 0};
+}
+
 void hc_tp_build_pollset(hc_comm *c) {
-    int n = c->ninbox + 3 + c->size;
+    int n = c->ninbox + c->nctl + 3 + c->size;
+    free(c->items);
+    free(c->idle_items);
     c->items = calloc((size_t)n, sizeof *c->items);
-    int k = 0;
+    c->idle_items = calloc((size_t)n, sizeof *c->idle_items);
+    if (!c->items || !c->idle_items) {
+        free(c->items);
+        c->items = NULL;
+        return;
+    }
+    int k = 0, j = 0;
     for (int i = 0; i < c->ninbox; i++) c->items[k++] = (hc_zmq_pollitem){c->inbox[i], 0, HC_ZMQ_POLLIN, 0};
+    for (int i = 0; i < c->nctl; i++) {
+        c->items[k++] = (hc_zmq_pollitem){c->ctl_inbox[i], 0, HC_ZMQ_POLLIN, 0};
+        c->idle_items[j++] = fd_item(c->ctl_inbox[i]);
+    }
     c->items[k++] = (hc_zmq_pollitem){NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
+    c->idle_items[j++] = (hc_zmq_pollitem){NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
     c->items[k++] = (hc_zmq_pollitem){NULL, c->tx->fd[0], HC_ZMQ_POLLIN, 0};
-    if (c->secure_monitor) c->items[k++] = (hc_zmq_pollitem){c->secure_monitor, 0, HC_ZMQ_POLLIN, 0};
+    if (c->secure_monitor) {
+        c->items[k++] = (hc_zmq_pollitem){c->secure_monitor, 0, HC_ZMQ_POLLIN, 0};
+        c->idle_items[j++] = fd_item(c->secure_monitor);
+    }
     c->npinned = k;
     for (int r = 0; r < c->size; r++)
-        if (r != c->rank && c->peers[r].monitor)
+        if (r != c->rank && c->peers[r].monitor) {
             c->items[k++] = (hc_zmq_pollitem){c->peers[r].monitor, 0, HC_ZMQ_POLLIN, 0};
+            c->idle_items[j++] = fd_item(c->peers[r].monitor);
+        }
     c->nitems = k;
+    c->nidle = j;
 }
 
 /* ---- teardown ---- */
 
-void hc_tp_close_peers(hc_comm *c, int linger_ms) {
-    for (int r = 0; c->peers && r < c->size; r++) {
-        hc_peer *p = &c->peers[r];
-        for (hc_pending *q = p->pend_head, *next; q; q = next) {
-            next = q->next;
-            tx_add(&c->tx->group[q->group], -1);
-            free(q);
-        }
-        p->pend_head = p->pend_tail = NULL;
-        for (int i = 0; p->streams && i < p->nstreams; i++) {
-            if (!p->streams[i]) continue;
-            set_int(p->streams[i], HC_ZMQ_LINGER, linger_ms);
-            if (i == 0 && p->monitor) hc_zmq.socket_monitor(p->streams[i], NULL, 0);
-            hc_zmq.close(p->streams[i]);
-            p->streams[i] = NULL;
-        }
-        if (p->monitor) {
-            hc_zmq.close(p->monitor);
-            p->monitor = NULL;
-        }
+static void close_socket(void **s, int linger_ms) {
+    if (!*s) return;
+    set_int(*s, HC_ZMQ_LINGER, linger_ms);
+    hc_zmq.close(*s);
+    *s = NULL;
+}
+
+static void close_links(hc_comm *c, hc_peer *p, int linger_ms) {
+    for (hc_pending *q = p->pend_head, *next; q; q = next) {
+        next = q->next;
+        tx_add(&c->tx->group[q->group], -1);
+        free(q);
     }
-    /* The poll set pointed at the peers' monitors. */
+    p->pend_head = p->pend_tail = NULL;
+    if (p->monitor && p->ctl) hc_zmq.socket_monitor(p->ctl, NULL, 0);
+    for (int i = 0; p->streams && i < p->nstreams; i++) close_socket(&p->streams[i], linger_ms);
+    close_socket(&p->ctl, linger_ms);
+    close_socket(&p->monitor, 0);
+}
+
+void hc_tp_close_peer(hc_comm *c, hc_peer *p) {
+    close_links(c, p, 0);
+    hc_tp_build_pollset(c); /* it watched the peer's monitor */
+}
+
+void hc_tp_close_peers(hc_comm *c, int linger_ms) {
+    for (int r = 0; c->peers && r < c->size; r++) close_links(c, &c->peers[r], linger_ms);
+    /* The poll sets pointed at the peers' monitors. */
     if (c->items && c->nitems > c->npinned) c->nitems = c->npinned;
+    c->nidle = 0;
 }
 
 void hc_tp_close_all(hc_comm *c, int linger_ms) {
@@ -553,10 +632,11 @@ void hc_tp_close_all(hc_comm *c, int linger_ms) {
         hc_zmq.socket_monitor(c->inbox[c->ninbox - 1], NULL, 0);
         hc_zmq.close(c->secure_monitor);
         c->secure_monitor = NULL;
-        c->nitems = 0;
     }
+    c->nitems = c->nidle = 0;
     for (int i = 0; i < c->ninbox; i++) hc_zmq.close(c->inbox[i]);
-    c->ninbox = 0;
+    for (int i = 0; i < c->nctl; i++) hc_zmq.close(c->ctl_inbox[i]);
+    c->ninbox = c->nctl = 0;
     if (c->own_ctx && c->zctx) hc_zmq.ctx_term(c->zctx);
     c->zctx = NULL;
 }

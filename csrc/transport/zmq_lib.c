@@ -44,6 +44,7 @@ static int resolve_all(void *handle, const char *path) {
     RESOLVE(msg_data, "zmq_msg_data");
     RESOLVE(msg_size, "zmq_msg_size");
     RESOLVE(msg_more, "zmq_msg_more");
+    RESOLVE(msg_gets, "zmq_msg_gets");
     RESOLVE(poll, "zmq_poll");
     RESOLVE(errno_, "zmq_errno");
     RESOLVE(strerror, "zmq_strerror");

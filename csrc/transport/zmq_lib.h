@@ -45,6 +45,7 @@ enum {
     HC_ZMQ_MAXMSGSIZE = 22,
     HC_ZMQ_SNDHWM = 23,
     HC_ZMQ_RCVHWM = 24,
+    HC_ZMQ_FD = 14,
     HC_ZMQ_LAST_ENDPOINT = 32,
     HC_ZMQ_TCP_KEEPALIVE = 34,
     HC_ZMQ_IMMEDIATE = 39,
@@ -53,6 +54,7 @@ enum {
     HC_ZMQ_CURVE_SECRETKEY = 49,
     HC_ZMQ_CURVE_SERVERKEY = 50,
     HC_ZMQ_ZAP_DOMAIN = 55,
+    HC_ZMQ_HANDSHAKE_IVL = 66,
 
     HC_ZMQ_EVENT_DISCONNECTED = 0x0200,
     HC_ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL = 0x0800,
@@ -85,6 +87,7 @@ typedef struct hc_zmq_api {
     void *(*msg_data)(hc_zmq_msg *);
     size_t (*msg_size)(const hc_zmq_msg *);
     int (*msg_more)(const hc_zmq_msg *);
+    const char *(*msg_gets)(const hc_zmq_msg *, const char *);
     int (*poll)(hc_zmq_pollitem *, int, long);
     int (*errno_)(void);
     const char *(*strerror)(int);
