@@ -1205,8 +1205,20 @@ c10::intrusive_ptr<c10d::Backend> HcBackend::shrink(
         "hetcomm: rank ", rank_, ": shrinking process group '", name_, "' without ranks [",
         c10::Join(", ", exclude), "] failed (", api_->status_name(rc), "): ", detail));
   auto timeout = opts_override ? opts_override->timeout : this->timeout();
-  return HcBackend::create(api_, out, api_->comm_rank(out), api_->comm_size(out), timeout,
-                           c10::str(name_, "-", exclude.size()));
+  auto shrunk = HcBackend::create(api_, out, api_->comm_rank(out), api_->comm_size(out), timeout,
+                                  c10::str(name_, "-", exclude.size()));
+  shrunk->set_settings(settings());
+  return shrunk;
+}
+
+std::string HcBackend::settings() const {
+  std::lock_guard<std::mutex> lock(settings_mu_);
+  return settings_;
+}
+
+void HcBackend::set_settings(std::string settings) {
+  std::lock_guard<std::mutex> lock(settings_mu_);
+  settings_ = std::move(settings);
 }
 
 uintptr_t HcBackend::comm_address() const {

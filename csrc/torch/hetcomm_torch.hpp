@@ -320,6 +320,11 @@ class HcBackend : public c10d::Backend {
   // The core communicator's address, borrowed (valid until shutdown/abort):
   // hetcomm.torch.elastic grows it through the C ABI.
   uintptr_t comm_address() const;
+  // The Python-side settings the group was made with (JSON, opaque here),
+  // inherited by the groups shrunk from it: what a grown group's newcomers
+  // must adopt.
+  std::string settings() const;
+  void set_settings(std::string settings);
 
   void setSequenceNumberForGroup() override;
   uint64_t getSequenceNumberForGroup() override;
@@ -380,6 +385,8 @@ class HcBackend : public c10d::Backend {
   std::mutex coalesce_mu_;
   bool coalescing_ = false;
   std::vector<c10::intrusive_ptr<c10d::Work>> coalesced_;
+  mutable std::mutex settings_mu_;
+  std::string settings_;
 };
 
 } // namespace hetcomm_torch

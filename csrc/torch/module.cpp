@@ -94,6 +94,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::call_guard<py::gil_scoped_release>(),
           "The group ranks the survivors agreed are lost (waits up to timeout_s for the agreement; "
           "negative: forever).")
+      .def_property(
+          "settings",
+          &HcBackend::settings,
+          &HcBackend::set_settings,
+          "The hetcomm settings (JSON) the group was made with; groups shrunk from it inherit them.")
       .def_property_readonly(
           "comm_address",
           &HcBackend::comm_address,

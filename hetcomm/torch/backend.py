@@ -13,6 +13,7 @@ import atexit
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -143,12 +144,22 @@ def _comm_name(group_id: str, global_ranks: list[int]) -> str:
     return f"pg{group_id}.{digest}"
 
 
-def _handle_of(communicator: _comm.Communicator) -> Any:
+def handle_of(communicator: _comm.Communicator) -> Any:
     """Takes the connected handle away from a Communicator (the shim owns it now)."""
     handle = communicator._handle
     communicator._handle = ffi.NULL
     _comm._live.discard(communicator)
     return handle
+
+
+def api_address() -> int:
+    """Address of the core's function table, for the shim."""
+    return int(ffi.cast("uintptr_t", lib.hc_get_api()))
+
+
+def settings_json(opts: Options) -> str:
+    """A group's settings as the shim keeps them (see HetcommBackend.settings)."""
+    return json.dumps(dataclasses.asdict(opts))
 
 
 def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
@@ -175,13 +186,14 @@ def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
     # cannot eat into the connect timeout.
     ext = _build.load()
     communicator = _comm.Communicator(rank, size, store=store, name=name, options=opts)
-    handle = _handle_of(communicator)
+    handle = handle_of(communicator)
     try:
-        backend = ext.HetcommBackend(int(ffi.cast("uintptr_t", lib.hc_get_api())),
-                                     int(ffi.cast("uintptr_t", handle)), rank, size, float(opts.timeout), name)
+        backend = ext.HetcommBackend(api_address(), int(ffi.cast("uintptr_t", handle)), rank, size,
+                                     float(opts.timeout), name)
     except BaseException:
         lib.hc_comm_destroy(handle)
         raise
+    backend.settings = settings_json(opts)
     if not _exit_hook:
         # At exit, close what is still open; groups with ops in flight are
         # aborted so that their peers hear of it at once.
