@@ -33,7 +33,17 @@ def _init(rank: int) -> None:
     dist.init_process_group("hetcomm", timeout=timedelta(seconds=60))
 
 
-def _die() -> None:
+def _die_after_others_pass(rank: int, victim: int, point: str) -> None:
+    """The victim SIGKILLs itself once every other rank has passed ``point``.
+
+    A rank that has finished a collective may still have bytes in flight to
+    the others, so "after my last op" is not "after everyone's"; the store says so.
+    """
+    store = dist.distributed_c10d._get_default_store()
+    if rank != victim:
+        store.set(f"{point}/{rank}", "1")
+        return
+    store.wait([f"{point}/{r}" for r in range(dist.get_world_size()) if r != victim], timedelta(seconds=60))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -51,11 +61,11 @@ def _same_bytes(t: "torch.Tensor", group: object) -> None:
         assert torch.equal(o, raw), f"group rank {r} holds different bytes"
 
 
-def _expect_loss(work_or_fn: object, victim: int, site: str) -> str:
-    """Runs/waits the failing op; returns the error text after checking what it names."""
+def _expect_loss(op: object, victim: int, site: str) -> str:
+    """Runs ``op`` until it raises; checks that the error names the lost (group) rank, its host and site."""
     with pytest.raises(dist.DistBackendError) as info:
         for _ in range(1000):
-            work_or_fn()
+            op()
     text = str(info.value)
     assert f"rank {victim}" in text, text
     assert site in text, text
@@ -75,8 +85,7 @@ def _default_group(rank: int, ws: int, flags: int, codec: str) -> dict:
     t = torch.ones(n)
     for _ in range(3):
         dist.all_reduce(t)
-    if rank == victim:
-        _die()
+    _die_after_others_pass(rank, victim, "warm")
     # The victim dies between collectives of a busy loop; every survivor raises.
     _expect_loss(lambda: dist.all_reduce(torch.ones(n)), victim, "dc-b")
     lost = ht.failed_ranks()
@@ -133,13 +142,13 @@ def _subgroup(rank: int, ws: int) -> dict:
     if rank in (1, 2, 3):
         dist.all_reduce(torch.ones(4), group=sub)
     dist.barrier()
-    if rank == victim:
-        _die()
+    _die_after_others_pass(rank, victim, "barrier")
     result: dict = {}
     if rank in (1, 2):
         # An op in flight on the subgroup when the peer dies: it must fail, not hang.
         work = dist.all_reduce(torch.ones(1 << 20), group=sub, async_op=True)
-        _expect_loss(lambda: dist.all_reduce(torch.ones(8), group=sub), victim, "dc-b")
+        # Errors name the group's own rank numbers, as failed_ranks does.
+        _expect_loss(lambda: dist.all_reduce(torch.ones(8), group=sub), 2, "dc-b")
         with pytest.raises(dist.DistBackendError):
             work.wait()
         assert ht.failed_ranks(sub) == [2]
