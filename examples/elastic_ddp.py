@@ -184,7 +184,7 @@ def rank_main(args: argparse.Namespace) -> None:
                 _members(worker, pg)
             opt.step()
             done.append(step)
-            _emit("step", worker=worker, step=step, size=pg.size(), loss=float(loss), grad_err=grad_err)
+            _emit("step", worker=worker, step=step, size=pg.size(), loss=loss.item(), grad_err=grad_err)
             step += 1
         except RuntimeError as exc:
             lost = ht.failed_ranks(pg)

@@ -78,6 +78,7 @@ def register() -> None:
         dist.Backend.default_device_backend_map.clear()
         dist.Backend.default_device_backend_map.update(defaults)
         _install_monitored_barrier()
+        _install_shrunk_group_maker()
         _registered = True
         log.debug("registered the %r torch.distributed backend", BACKEND_NAME)
 
@@ -251,3 +252,50 @@ def _install_monitored_barrier() -> None:
     wrapper._hetcomm_wrapper = True  # type: ignore[attr-defined]
     c10d.monitored_barrier = wrapper
     dist.monitored_barrier = wrapper
+
+
+# ---- process groups over a backend made outside init_process_group ------------------
+
+
+def process_group_over(backend: Any, store: Any, group_name: str, group_desc: str,
+                       bound_device: Any = None) -> Any:
+    """A ProcessGroup running every device type on ``backend`` (a HetcommBackend),
+    as init_process_group builds one for a "hetcomm" group; not registered with torch."""
+    from torch.distributed import distributed_c10d as c10d
+
+    pg = c10d.ProcessGroup(c10d.PrefixStore(f"{group_name}/", store), backend.rank(), backend.size())
+    backend_type = c10d.ProcessGroup.BackendType.CUSTOM
+    for device in c10d.BackendConfig(c10d.Backend(BACKEND_NAME)).get_device_backend_map():
+        pg._register_backend(torch.device(device), backend_type, backend)
+    pg._set_default_backend(backend_type)
+    if bound_device is not None:
+        pg.bound_device_id = bound_device
+    pg._set_group_name(group_name)
+    pg._set_group_desc(group_desc)
+    return pg
+
+
+def _install_shrunk_group_maker() -> None:
+    # torch's shrink_group registers the shrunk backend of any device but
+    # cuda as a gloo backend; DDP (its logger) then takes ours for gloo's and
+    # crashes. Groups shrunk from hetcomm groups are made as init_process_group
+    # makes them instead.
+    from torch.distributed import distributed_c10d as c10d
+
+    original = getattr(c10d, "_create_shrunk_process_group", None)
+    if original is None or getattr(original, "_hetcomm_wrapper", False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(new_backend: Any, remaining_ranks: list[int], metadata: dict, is_default_group: bool) -> Any:
+        if not isinstance(new_backend, _build.load().HetcommBackend):
+            return original(new_backend, remaining_ranks, metadata, is_default_group)
+        desc = "default:shrunken" if is_default_group else f"{metadata['original_group_name']}:shrunk"
+        pg = process_group_over(new_backend, metadata["store"].clone(), metadata["new_group_name"], desc,
+                                metadata.get("bound_device_id"))
+        if metadata.get("backend_config") is not None:
+            c10d._world.pg_backend_config[pg] = metadata["backend_config"]
+        return pg
+
+    wrapper._hetcomm_wrapper = True  # type: ignore[attr-defined]
+    c10d._create_shrunk_process_group = wrapper

@@ -47,7 +47,7 @@ from hetcomm._capi import ffi, lib
 from hetcomm.comm import Communicator, connect_peers
 from hetcomm.config import Options
 from hetcomm.torch import _build
-from hetcomm.torch.backend import BACKEND_NAME, api_address, handle_of, settings_json
+from hetcomm.torch.backend import BACKEND_NAME, api_address, handle_of, process_group_over, settings_json
 from hetcomm.torch.options import ProcessGroupOptions
 
 log = logging.getLogger("hetcomm.torch")
@@ -249,19 +249,12 @@ def join_group(store: Any, *, name: str = "world", options: ProcessGroupOptions 
 
 def _install_default(backend: Any, store: Any, group_name: str) -> Any:
     """A ProcessGroup over ``backend``, registered with torch as the default group."""
-    rank, size = backend.rank(), backend.size()
     # Groups made later with new_group() rendezvous under this prefix, the
     # same on every rank of the grown group.
     group_store = c10d.PrefixStore(f"hetcomm-elastic/{group_name}", store)
-    pg = c10d.ProcessGroup(c10d.PrefixStore(f"{group_name}/", group_store), rank, size)
-    backend_type = c10d.ProcessGroup.BackendType.CUSTOM
-    config = c10d.BackendConfig(c10d.Backend(BACKEND_NAME))
-    for device in config.get_device_backend_map():
-        pg._register_backend(torch.device(device), backend_type, backend)
-    pg._set_default_backend(backend_type)
-    pg._set_group_name(group_name)
-    pg._set_group_desc("default:grown")
+    pg = process_group_over(backend, group_store, group_name, "default:grown")
     c10d._update_default_pg(pg)
     c10d._register_pg_in_world(pg=pg, backend_name=BACKEND_NAME, store=group_store, group_name=group_name,
-                               backend_config=str(config), rank_mapping={r: r for r in range(size)})
+                               backend_config=str(c10d.BackendConfig(c10d.Backend(BACKEND_NAME))),
+                               rank_mapping={r: r for r in range(backend.size())})
     return pg
