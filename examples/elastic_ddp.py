@@ -136,12 +136,14 @@ def rank_main(args: argparse.Namespace) -> None:
     import hetcomm.torch as ht
 
     torch.set_num_threads(1)
+    _emit("started", worker=args.worker)
     host, port = args.store.rsplit(":", 1)
     store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=args.timeout))
     worker, world = args.worker, int(os.environ["WORLD_SIZE"])
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     if args.join:
+        _emit("joining", worker=worker)
         pg = ht.join_group(store, name=JOB, timeout=args.timeout)
         step = int(ht.broadcast_state(model, opt, None, src=0, group=pg))
         _emit("joined", worker=worker, rank=pg.rank(), size=pg.size(), step=step)
@@ -320,8 +322,13 @@ def figures(run: dict, args: argparse.Namespace) -> dict:
     rejoined = [min(e["t"] for e in ev if e["ev"] == "step" and e["worker"] == w and e["t"] > restart
                     and e["size"] == full) - restart for w in victims]
     joined_step = min(e["step"] for e in ev if e["ev"] == "joined")
+    # Of the rejoin time, what the newcomers spent starting (interpreter, torch) before asking to join.
+    asked = max(e["t"] for e in ev if e["ev"] == "joining" and e["t"] > restart)
+    first_full = max(min(e["t"] for e in ev if e["ev"] == "step" and e["worker"] == w and e["t"] > restart
+                         and e["size"] == full) for w in victims)
     return {"detect_s": max(detect), "shrunk_s": max(shrunk), "resumed_s": max(resumed), "rejoined_s": max(rejoined),
-            "rejoin_step": joined_step, "survivors": survivors}
+            "startup_s": asked - restart, "join_to_full_step_s": first_full - asked, "rejoin_step": joined_step,
+            "survivors": survivors}
 
 
 def check(run: dict, args: argparse.Namespace) -> list[str]:
@@ -432,7 +439,8 @@ def main() -> None:
     print(f"group shrunk on every survivor   {fig['shrunk_s']:.3f} s after the kill")
     print(f"first step of the shrunk group   {fig['resumed_s']:.3f} s after the kill")
     print(f"site back, first full-size step  {fig['rejoined_s']:.3f} s after its restart (joined at step "
-          f"{fig['rejoin_step']})")
+          f"{fig['rejoin_step']}): {fig['startup_s']:.3f} s starting the processes, "
+          f"{fig['join_to_full_step_s']:.3f} s from the last join request to the first full-size step")
     if "undisturbed_eval_loss" in fig:
         print(f"final loss {loss:.4f} vs undisturbed {fig['undisturbed_eval_loss']:.4f} "
               f"({100 * fig['loss_vs_undisturbed']:+.2f}%)")
