@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import enum
 import itertools
+import json
 import logging
 import threading
 import weakref
@@ -20,7 +21,7 @@ import numpy as np
 from hetcomm import _native, rendezvous
 from hetcomm._capi import ffi, lib
 from hetcomm.config import CODECS, Options, parse_rate
-from hetcomm.errors import AuthError, HetcommError, error_for
+from hetcomm.errors import AuthError, HetcommError, PeerLostError, error_for
 
 log = logging.getLogger("hetcomm")
 
@@ -115,7 +116,7 @@ class Work:
     def _finish(self, status: int) -> None:
         if status != lib.HC_OK:
             message = ffi.string(lib.hc_op_error(self._op)).decode(errors="replace")
-            self._error = error_for(_native.status_name(status), f"{self._what}: {message}")
+            self._error = self._comm._error(status, f"{self._what}: {message}")
         self.source = lib.hc_op_source(self._op)
         lib.hc_op_release(self._op)
         self._op = None
@@ -253,7 +254,7 @@ class Communicator:
 
     def __init__(self, rank: int | None = None, world_size: int | None = None, *, store: Any = None,
                  name: str = "world", timeout: float | timedelta | None = None, codec: str | None = None,
-                 site: str | None = None, options: Options | None = None) -> None:
+                 site: str | None = None, options: Options | None = None, _prefix: str | None = None) -> None:
         _native.init()
         opts = options or Options()
         if timeout is not None:
@@ -273,9 +274,12 @@ class Communicator:
         self._handle = ffi.NULL
         self._inflight: set[Work] = set()
         self._inflight_lock = threading.Lock()
-        with Communicator._generations_lock:
-            gen = next(Communicator._generations.setdefault(name, itertools.count()))
-        self._prefix = f"hetcomm/{name}/{gen}"
+        if _prefix is None:
+            with Communicator._generations_lock:
+                gen = next(Communicator._generations.setdefault(name, itertools.count()))
+            _prefix = f"hetcomm/{name}/{gen}"
+        self._prefix = _prefix
+        self._store = store
         try:
             self._connect(store, opts)
         except BaseException:
@@ -329,6 +333,7 @@ class Communicator:
         cfg.site = s(opts.site or "")
         cfg.host = s(opts.host or socket.gethostname())
         cfg.timeout_ms = int(opts.timeout * 1000)
+        cfg.heartbeat_ms = int(opts.heartbeat * 1000)
         cfg.streams = opts.streams
         cfg.chunk_bytes = opts.chunk_bytes
         cfg.small_bytes = opts.small_bytes
@@ -362,14 +367,18 @@ class Communicator:
         handle = ffi.new("hc_comm **")
         _native.check(lib.hc_comm_create(cfg, handle), "hc_comm_create")
         self._handle = handle[0]
-        record = {"endpoint": ffi.string(lib.hc_comm_endpoint(self._handle)).decode(),
-                  "site": opts.site or "", "host": ffi.string(cfg.host).decode(),
-                  "machine": rendezvous.machine_id(), "curve": self._curve[0] if self._curve else None}
-        peers = rendezvous.exchange(store, self._prefix, self.rank, self.size, record)
-        connect_peers(self._handle, self.rank, peers, [r for r in range(self.size) if r != self.rank], record,
-                      self._curve, allow)
+        self._record = {"endpoint": ffi.string(lib.hc_comm_endpoint(self._handle)).decode(),
+                        "site": opts.site or "", "host": ffi.string(cfg.host).decode(),
+                        "machine": rendezvous.machine_id(), "curve": self._curve[0] if self._curve else None}
+        self._allow = allow
         del keep
+        peers = rendezvous.exchange(store, self._prefix, self.rank, self.size, self._record)
+        self._connect_peers(peers, [r for r in range(self.size) if r != self.rank])
         log.debug("%s: rank %d/%d connected", self.name, self.rank, self.size)
+
+    def _connect_peers(self, peers: list[dict[str, Any]], ranks: Sequence[int]) -> None:
+        """Tells the core where ranks ``ranks`` listen (from their rendezvous records), then connects."""
+        connect_peers(self._handle, self.rank, peers, ranks, self._record, self._curve, self._allow)
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -447,6 +456,151 @@ class Communicator:
         _native.check(lib.hc_comm_ring_order(self._live_handle(), out, self.size))
         return list(out)
 
+    # ---- membership: failures, shrink, grow -----------------------------
+
+    def _error(self, status: int, message: str) -> Exception:
+        """The exception for a failed op; a PeerLostError carries the failed ranks known now."""
+        exc = error_for(_native.status_name(status), message)
+        if isinstance(exc, PeerLostError) and self._handle != ffi.NULL:
+            exc.failed_ranks = self._failed_ranks(0)[0]
+        return exc
+
+    def _failed_ranks(self, timeout_ms: int) -> tuple[list[int], int]:
+        out = ffi.new("int[]", self.size)
+        count = ffi.new("int *")
+        status = lib.hc_comm_failed_ranks(self._live_handle(), timeout_ms, out, self.size, count)
+        return [out[i] for i in range(min(count[0], self.size))], status
+
+    def failed_ranks(self, timeout: float | None = None) -> list[int]:
+        """The ranks that failed (died, or went silent for a heartbeat interval), ascending.
+
+        Waits up to ``timeout`` seconds (default: the communicator's timeout;
+        0: not at all) until the survivors agree on that set, so every
+        survivor gets the same list. Raises CommTimeoutError if they have not
+        agreed in time (the message holds this rank's own view). An empty list
+        means nothing failed.
+        """
+        seconds = self.options.timeout if timeout is None else timeout
+        ranks, status = self._failed_ranks(int(seconds * 1000))
+        if status == lib.HC_ERR_TIMEOUT and seconds > 0:
+            raise error_for("HC_ERR_TIMEOUT", f"{self.name} rank {self.rank}: the survivors did not agree on the "
+                                              f"failed ranks within {seconds} s (this rank holds {ranks} failed)")
+        return ranks
+
+    def _derived(self, handle: Any) -> "Communicator":
+        """A Communicator around a handle the core made from this one (shrink, grow)."""
+        new = object.__new__(Communicator)
+        new.rank, new.size, new.name = lib.hc_comm_rank(handle), lib.hc_comm_size(handle), self.name
+        new.options, new._handle = self.options, handle
+        new._inflight, new._inflight_lock = set(), threading.Lock()
+        new._prefix, new._store = self._prefix, self._store
+        new._record, new._allow, new._curve = self._record, self._allow, self._curve
+        _live.add(new)
+        return new
+
+    def shrink(self, exclude: Sequence[int], *, abort: bool = False) -> "Communicator":
+        """A new communicator of every rank but ``exclude``, over the links this one holds.
+
+        Every remaining rank calls it with the same ``exclude`` (usually
+        ``failed_ranks()``, or ``PeerLostError.failed_ranks``); the excluded
+        ranks do not call it. No rendezvous: the ranks are renumbered in
+        order (rank r becomes r minus the excluded ranks below it), and the
+        sites, topology, keys and settings stay. Works on a communicator
+        broken by a lost peer and on a healthy one. Queued ops finish first
+        (or, with ``abort``, fail at once here and on the peers). Error-feedback
+        residuals start from zero in the new communicator.
+
+        Afterwards this communicator only fails ops (close it as usual).
+        Raises MismatchError if the ranks passed different sets, PeerLostError
+        if a rank kept was lost meanwhile (shrink again without it), and
+        CommTimeoutError if a kept rank never called shrink.
+        """
+        excluded = sorted({int(r) for r in exclude})
+        if len(excluded) != len(list(exclude)):
+            raise ValueError(f"exclude lists a rank twice: {list(exclude)}")
+        for r in excluded:
+            if not 0 <= r < self.size or r == self.rank:
+                raise ValueError(f"exclude holds {r}: not another rank of this communicator (rank {self.rank} "
+                                 f"of {self.size})")
+        ranks = ffi.new("int[]", excluded or [0])
+        out = ffi.new("hc_comm **")
+        flags = lib.HC_SHRINK_ABORT if abort else lib.HC_SHRINK_DEFAULT
+        status = lib.hc_comm_shrink(self._live_handle(), ranks, len(excluded), flags, out)
+        if status != lib.HC_OK:
+            detail = ffi.string(lib.hc_last_error()).decode(errors="replace")
+            raise self._error(status, f"{self.name} rank {self.rank}: shrink: {detail}")
+        return self._derived(out[0])
+
+    def grow(self, new_size: int) -> "Communicator":
+        """A new communicator of ``new_size`` ranks: these ranks keep their rank
+        and links, and ranks ``size .. new_size-1`` are newcomers that call
+        :meth:`Communicator.join` on the same store.
+
+        Every rank of this communicator calls it at the same point (a step
+        boundary, no op in flight). It returns once every newcomer has
+        connected; typically the members then broadcast the model state from
+        rank 0, which the newcomers receive with the same broadcast. This
+        communicator only fails ops afterwards (close it as usual).
+        """
+        if not isinstance(new_size, (int, np.integer)) or new_size <= self.size:
+            raise ValueError(f"new_size must be above the current size {self.size}, got {new_size!r}")
+        base = f"hetcomm/{self.name}/grow"
+        number = np.zeros(1, np.int64)
+        if self.rank == 0:
+            number[0] = self._store.add(f"{base}s", 1)
+            self._store.set(f"{base}/{int(number[0])}", json.dumps({"size": int(new_size), "members": self.size}))
+        self.broadcast(number, root=0)
+        prefix = f"{base}/{int(number[0])}"
+        comm_id, token = rendezvous.agree_identity(self._store, prefix, self.rank)
+        out = ffi.new("hc_comm **")
+        status = lib.hc_comm_grow(self._live_handle(), int(new_size), comm_id, token, out)
+        if status != lib.HC_OK:
+            detail = ffi.string(lib.hc_last_error()).decode(errors="replace")
+            raise self._error(status, f"{self.name} rank {self.rank}: grow: {detail}")
+        new = self._derived(out[0])
+        new._prefix = prefix
+        try:
+            peers = rendezvous.exchange(self._store, prefix, self.rank, int(new_size), self._record)
+            new._connect_peers(peers, range(self.size, int(new_size)))
+        except BaseException:
+            new.close(abort=True)
+            raise
+        log.info("%s: rank %d grew from %d to %d ranks", self.name, self.rank, self.size, new_size)
+        return new
+
+    @classmethod
+    def join(cls, store: Any = None, *, name: str = "world", timeout: float | timedelta | None = None,
+             codec: str | None = None, site: str | None = None, options: Options | None = None) -> "Communicator":
+        """Joins a running group as a newcomer, when its members call :meth:`grow`.
+
+        ``store`` is the group's store (None: the env:// one at
+        MASTER_ADDR:MASTER_PORT, as a client). Blocks until the members grow
+        (up to the store's timeout); the newcomer gets the next free rank of
+        that grow (the group's size before it, and up). Pass the settings the
+        members use (codec, options).
+        """
+        if store is None:
+            import os
+
+            from hetcomm.store import Store
+
+            store = Store(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]), False,
+                          Options(timeout=timeout if isinstance(timeout, (int, float)) else None).resolved().timeout)
+        base = f"hetcomm/{name}/grow"
+        number = store.add(f"{base}s", 0)
+        if number == 0:
+            number = 1  # no grow yet: wait for the first one
+        while True:
+            # Blocks until the members publish grow `number`.
+            info = json.loads(bytes(store.get(f"{base}/{number}")))
+            ticket = store.add(f"{base}/{number}/ticket", 1)
+            if ticket <= info["size"] - info["members"]:
+                break
+            number += 1  # that grow is full: wait for the next one
+        rank = info["members"] + ticket - 1
+        return cls(rank, info["size"], store=store, name=name, timeout=timeout, codec=codec, site=site,
+                   options=options, _prefix=f"{base}/{number}")
+
     def _live_handle(self) -> Any:
         if self._handle == ffi.NULL:
             raise ValueError(f"communicator {self.name!r} is closed")
@@ -476,7 +630,7 @@ class Communicator:
             status = fn(self._live_handle(), *args, opts, ffi.NULL)
             if status != lib.HC_OK:
                 detail = ffi.string(lib.hc_last_error()).decode(errors="replace")
-                raise error_for(_native.status_name(status), f"{self.name} rank {self.rank}: {what}: {detail}")
+                raise self._error(status, f"{self.name} rank {self.rank}: {what}: {detail}")
             return result
         out = ffi.new("hc_op **")
         _native.check(fn(self._live_handle(), *args, opts, out), what)

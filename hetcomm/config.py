@@ -112,6 +112,7 @@ class Options:
     """
 
     timeout: float | None = None          # seconds, every blocking wait (HETCOMM_TIMEOUT)
+    heartbeat: float | None = None        # seconds of silence that make a peer lost; 0: off (HETCOMM_HEARTBEAT)
     site: str | None = None               # data-centre label (HETCOMM_SITE)
     topology: str | None = None           # file of "HOST_PATTERN SITE" lines, for an unset site (HETCOMM_TOPOLOGY)
     host: str | None = None               # host name (HETCOMM_HOST, default gethostname())
@@ -140,6 +141,7 @@ class Options:
         """A copy with every ``None`` replaced by the environment or the default."""
         o = dataclasses.replace(self)
         o.timeout = o.timeout if o.timeout is not None else env_float("HETCOMM_TIMEOUT", 300.0)
+        o.heartbeat = o.heartbeat if o.heartbeat is not None else env_float("HETCOMM_HEARTBEAT", 5.0)
         o.host = o.host if o.host is not None else env_str("HETCOMM_HOST")
         o.topology = o.topology or env_str("HETCOMM_TOPOLOGY")
         o.site = o.site if o.site is not None else env_str("HETCOMM_SITE")
@@ -179,6 +181,8 @@ class Options:
         """Raises ValueError naming the first option out of range."""
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {self.timeout}")
+        if self.heartbeat is not None and self.heartbeat < 0:
+            raise ValueError(f"heartbeat must be seconds >= 0 (0: off), got {self.heartbeat}")
         if self.transport not in (None, *TRANSPORTS):
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.algo not in (None, *ALGOS):

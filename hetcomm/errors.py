@@ -15,7 +15,19 @@ class CommTimeoutError(HetcommError, TimeoutError):
 
 
 class PeerLostError(HetcommError, ConnectionError):
-    """A peer's connection closed (it exited, crashed, or destroyed its communicator)."""
+    """A peer was lost: its connection closed without a goodbye (it exited,
+    crashed or was killed), or it stayed silent for a heartbeat interval.
+
+    ``failed_ranks`` lists the ranks the survivors agreed had failed, as far
+    as that agreement had come when the op failed (``Communicator.failed_ranks``
+    waits for it); pass it to ``Communicator.shrink``.
+    """
+
+    failed_ranks: list[int]
+
+    def __init__(self, message: str, status: str = "HC_ERR_PEER_LOST", failed_ranks: list[int] | None = None) -> None:
+        super().__init__(message, status)
+        self.failed_ranks = list(failed_ranks or [])
 
 
 class MismatchError(HetcommError):

@@ -19,7 +19,10 @@
 static int check_comm(hc_comm *c, const char *fn) {
     if (!c) FAIL(HC_ERR_INVALID_ARGUMENT, "%s: comm is NULL", fn);
     if (!c->connected) FAIL(HC_ERR_STATE, "%s: communicator '%s' is not connected yet (call hc_comm_connect)", fn, c->name);
-    if (atomic_load(&c->status) != HC_OK)
+    int broken = atomic_load(&c->status);
+    if (broken == HC_ERR_PEER_LOST || broken == HC_ERR_STATE)
+        FAIL(broken, "%s: communicator '%s': %s", fn, c->name, c->error);
+    if (broken != HC_OK)
         FAIL(HC_ERR_ABORTED, "%s: communicator '%s' is broken by an earlier error: %s", fn, c->name, c->error);
     return HC_OK;
 }

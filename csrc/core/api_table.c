@@ -33,6 +33,8 @@ static const hc_api api = {
     .call_opts_init = hc_call_opts_init,
     .comm_destroy = hc_comm_destroy,
     .comm_progress = hc_comm_progress,
+    .comm_failed_ranks = hc_comm_failed_ranks,
+    .comm_shrink = hc_comm_shrink,
 };
 
 const hc_api *hc_get_api(void) { return &api; }

@@ -50,9 +50,18 @@ static void free_comm(hc_comm *c) {
         free(r->data);
         free(r);
     }
+    for (hc_msg *m = c->future_head, *next; m; m = next) {
+        next = m->next;
+        hc_tp_release_msg(c, m);
+        free(m);
+    }
+    hc_member_free(c);
     free(c->peers);
     free(c->ring);
     free(c->items);
+    free(c->idle_items);
+    free(c->sleep_items);
+    free(c->garbage);
     for (int i = 0; i < HC_SCRATCH_SLOTS; i++) free(c->scratch[i]);
     free(c->name);
     free(c->site);
@@ -130,6 +139,9 @@ int hc_comm_create(const hc_config *cfg, hc_comm **out) {
     } else {
         for (int i = 0; i < 2; i++) fcntl(c->wake_fd[i], F_SETFL, fcntl(c->wake_fd[i], F_GETFL) | O_NONBLOCK);
         for (int r = 0; r < c->size; r++) c->peers[r].rank = r;
+        rc = hc_member_init(c);
+    }
+    if (rc == HC_OK) {
         hc_peer *self = &c->peers[c->rank];
         self->site_name = strdup(c->site);
         self->host = strdup(c->host);
@@ -175,7 +187,8 @@ int hc_comm_set_peer(hc_comm *c, int peer, const char *endpoint, const char *sit
 
 /* Sites are numbered by first appearance in rank order; the ring visits them
  * one after another so each link between sites is crossed once per pass. */
-static int build_topology(hc_comm *c) {
+int hc_topology_build(hc_comm *c) {
+    free(c->ring);
     c->ring = malloc((size_t)c->size * sizeof(int));
     if (!c->ring) return HC_ERR_NO_MEMORY;
     c->nsites = 0;
@@ -209,7 +222,8 @@ static void open_lanes(hc_comm *c) {
     size_t nslots = c->cfg.shm_bytes / c->cfg.chunk_bytes;
     for (int r = 0; r < c->size; r++) {
         hc_peer *p = &c->peers[r];
-        if (r == c->rank || p->site != c->peers[c->rank].site || strcmp(p->host, c->host) != 0) continue;
+        if (r == c->rank || p->inherited || p->site != c->peers[c->rank].site || strcmp(p->host, c->host) != 0)
+            continue;
         char name[64];
         hc_lane_name(c, c->rank, r, name, sizeof name);
         p->tx_lane = hc_lane_create(name, nslots < 2 ? 2 : (uint32_t)nslots, c->cfg.chunk_bytes);
@@ -230,9 +244,9 @@ int hc_comm_connect(hc_comm *c) {
             hc_set_last_error("hc_comm_connect: rank %d: no endpoint was set for rank %d", c->rank, r);
             return HC_ERR_STATE;
         }
-    int rc = build_topology(c);
+    int rc = hc_topology_build(c);
     for (int r = 0; rc == HC_OK && r < c->size; r++)
-        if (r != c->rank) rc = hc_tp_connect_peer(c, &c->peers[r]);
+        if (r != c->rank && !c->peers[r].inherited) rc = hc_tp_connect_peer(c, &c->peers[r]);
     if (rc == HC_OK) {
         open_lanes(c);
         hc_tp_build_pollset(c);
@@ -252,6 +266,8 @@ int hc_comm_connect(hc_comm *c) {
     if (c->wan_in_flight)
         hc_log(HC_LOG_DEBUG, "%s: rank %d: allreduce below %zu bytes uses recursive doubling (one WAN trip)",
                c->name, c->rank, c->wan_in_flight > c->cfg.small_bytes ? c->wan_in_flight : c->cfg.small_bytes);
+    int64_t now = hc_now_ns();
+    for (int r = 0; r < c->size; r++) c->peers[r].last_heard_ns = c->peers[r].last_beat_ns = now;
     c->connected = 1;
     if (pthread_create(&c->worker, NULL, hc_worker_main, c) != 0) {
         hc_set_last_error("hc_comm_connect: cannot start the worker thread");
@@ -314,11 +330,17 @@ int hc_comm_destroy(hc_comm *c) {
         char b = 1;
         (void)!write(c->wake_fd[1], &b, 1);
         pthread_join(c->worker, NULL);
+        c->worker_started = 0;
     }
+    /* A goodbye tells the peers this close is on purpose, not a crash. */
+    hc_wire_header bye;
+    hc_wire_header_init(&bye, c, HC_MSG_BYE);
+    for (int r = 0; c->connected && r < c->size; r++)
+        if (r != c->rank) hc_tp_send_ctl(c, &c->peers[r], &bye, NULL, 0);
     hc_tp_close_all(c, HC_CLOSE_LINGER_MS);
     /* Lingering sockets may still hold zero-copy buffers; the tracker must
      * outlive them, so it is leaked rather than freed if they do not drain. */
-    if (hc_tx_wait(c->tx, -1, HC_CLOSE_LINGER_MS + 5000) == HC_OK)
+    if (!c->tx || hc_tx_wait(c->tx, -1, HC_CLOSE_LINGER_MS + 5000) == HC_OK)
         hc_tx_free(c->tx);
     else
         hc_log(HC_LOG_ERROR, "%s: rank %d: ZeroMQ still holds send buffers at destroy", c->name, c->rank);

@@ -122,6 +122,7 @@ typedef struct hc_peer {
     int64_t last_heard_ns; /* anything arrived from it */
     int64_t last_beat_ns; /* this rank's last heartbeat to it */
     int acked;            /* coordinator: its last FAULT bitmap equals this rank's */
+    int inherited;        /* the link came from the communicator this one was reshaped from */
     int reshape_seen;     /* its RESHAPE arrived: it entered the same shrink or grow */
     uint64_t reshape_id;
     int reshape_size;
@@ -224,6 +225,7 @@ struct hc_comm {
     hc_zmq_pollitem *idle_items; /* what an idle worker watches: control inboxes, wake pipe, monitors */
     int nidle;
     hc_zmq_pollitem *sleep_items; /* the worker's own copy, polled without the engine */
+    int nsleep, sleep_cap;
     hc_msg *free_msgs;
     hc_residual *residuals;
     void *scratch[HC_SCRATCH_SLOTS]; /* grow-only work buffers of the worker */
@@ -235,12 +237,15 @@ struct hc_comm {
     /* reshaping (core/reshape.c): while a shrink or grow hands the links to
      * the next communicator, messages already sent under its id are kept */
     uint64_t next_comm_id;
+    uint64_t reshape_tried; /* id of a reshape that failed here: peers' RESHAPEs for it are stale */
     hc_msg *future_head, *future_tail;
     uint64_t ancestors[4];  /* ids of the communicators this one was made from: their
                                late messages are dropped without a warning */
     struct hc_garbage *garbage; /* rate limit of the "dropped a message" warning */
 };
 
+/* Numbers the sites and orders the ring (sites kept adjacent). */
+int hc_topology_build(hc_comm *comm);
 /* The /dev/shm name of the lane carrying payloads from src to dst. */
 void hc_lane_name(const hc_comm *comm, int src, int dst, char *buf, size_t len);
 /* A work buffer of at least `bytes` that stays with the communicator, so
@@ -302,9 +307,13 @@ void hc_progress_idle(hc_comm *comm);
 /* Whether the idle worker must watch the sockets (pending receives, p2p
  * work, a broken communicator to wind down) or may just wait to be woken. */
 int hc_progress_needs_sockets(hc_comm *comm);
-/* Blocks until the wake-up pipe has a byte; leaves it there, since a caller
- * running an op inline may be waiting on the same pipe. */
-void hc_progress_sleep(hc_comm *comm);
+/* Blocks until the wake-up pipe has a byte, a control message or monitor
+ * event may have come, or timeout_ms (-1: none) passed; leaves the byte
+ * there, since a caller running an op inline may be waiting on the same
+ * pipe. Polls the copy hc_progress_snapshot_idle made, without the engine. */
+void hc_progress_sleep(hc_comm *comm, long timeout_ms);
+/* Copies what an idle worker watches, for hc_progress_sleep; engine held. */
+int hc_progress_snapshot_idle(hc_comm *comm);
 /* Empties the wake-up pipe; engine held. */
 void hc_progress_clear_wakeups(hc_comm *comm);
 /* Runs one collective and completes it; engine held. */
@@ -337,6 +346,12 @@ void hc_member_on_message(hc_comm *comm, const hc_msg *m);
  * connection dropped without a goodbye; returns ms until the next deadline
  * (-1: none). Engine held. */
 long hc_member_tick(hc_comm *comm, int64_t now);
+/* The survivors agreed on the failed set, or this rank was excluded, or no
+ * one is left to agree with. */
+int hc_member_settled(const hc_comm *comm);
+/* How long a failed op waits for that agreement and for its buffers, beyond
+ * one heartbeat interval. */
+#define HC_SETTLE_MS 1000
 /* "[1, 3]": the failed ranks. */
 const char *hc_member_list(const hc_comm *comm, char *buf, size_t len);
 /* Bitmaps on the wire: one bit per rank. */
@@ -352,6 +367,11 @@ int hc_progress_until(hc_comm *comm, int (*done)(hc_comm *, void *), void *arg, 
  * serve control messages, monitors and heartbeats. Engine held. Returns ms
  * until the next timer (-1: none). */
 long hc_progress_housekeeping(hc_comm *comm);
+
+/* ---- reshaping (core/reshape.c) ---- */
+
+/* A RESHAPE message from a peer: it entered a shrink or grow. Engine held. */
+void hc_reshape_on_message(hc_comm *comm, const hc_msg *m);
 
 /* ---- transport (transport/zmq.c) ---- */
 

@@ -53,13 +53,14 @@ const char *hc_member_list(const hc_comm *c, char *buf, size_t len) {
     return buf;
 }
 
+static int live_peer(const hc_comm *c, int r) { return r != c->rank && !c->failed[r] && !c->peers[r].left; }
+
+/* The lowest rank still in the job decides. */
 static int coordinator(const hc_comm *c) {
     for (int r = 0; r < c->size; r++)
-        if (!c->failed[r]) return r;
+        if (r == c->rank || live_peer(c, r)) return r;
     return -1;
 }
-
-static int live_peer(const hc_comm *c, int r) { return r != c->rank && !c->failed[r] && !c->peers[r].left; }
 
 static void pack(const hc_comm *c, uint8_t *bits) {
     memset(bits, 0, hc_bitmap_bytes(c->size));
@@ -105,7 +106,8 @@ void hc_member_fail(hc_comm *c, int rank, const char *why) {
     c->nfailed++;
     c->agreed = 0;
     pthread_mutex_unlock(&c->member_mu);
-    hc_log(HC_LOG_WARNING, "%s: rank %d: %s", c->name, c->rank, msg);
+    /* The first failure is logged as the error that breaks the communicator. */
+    if (atomic_load(&c->status) != HC_OK) hc_log(HC_LOG_WARNING, "%s: rank %d: %s", c->name, c->rank, msg);
     hc_tp_close_peer(c, &c->peers[rank]);
     /* A new member of the set: earlier echoes no longer count. */
     for (int r = 0; r < c->size; r++) c->peers[r].acked = 0;
@@ -129,7 +131,7 @@ void hc_member_on_message(hc_comm *c, const hc_msg *m) {
     for (int r = 0; r < c->size; r++)
         if (hc_bit(theirs, r) && !c->failed[r] && r != c->rank) {
             char why[96];
-            snprintf(why, sizeof why, "rank %d reported it failed", src);
+            snprintf(why, sizeof why, "rank %d found it failed", src);
             hc_member_fail(c, r, why);
         }
     int same = 1;
@@ -199,7 +201,12 @@ long hc_member_tick(hc_comm *c, int64_t now) {
     return next_ms;
 }
 
-static int settled(hc_comm *c, void *arg) { return c->agreed || c->excluded || coordinator(c) < 0; }
+int hc_member_settled(const hc_comm *c) { return c->agreed || c->excluded || coordinator(c) < 0; }
+
+static int settled(hc_comm *c, void *arg) {
+    (void)arg;
+    return hc_member_settled(c);
+}
 
 int hc_comm_failed_ranks(hc_comm *c, int timeout_ms, int *ranks, int n, int *count) {
     if (!c || (!ranks && n > 0) || !count) {

@@ -86,10 +86,48 @@ static int check_signature(hc_comm *c, hc_op *op, const hc_msg *m) {
                        call_desc(theirs, sizeof theirs, h->op, h->count, h->dtype, h->redop, h->root, h->codec, h->reserved0));
 }
 
-static void warn_dropped(hc_comm *c, const hc_msg *m, const char *why) {
+/* Garbage on a port is logged once per remote address per minute, with how
+ * many messages were dropped since, so a flood cannot flood the log. */
+#define HC_GARBAGE_SOURCES 64
+#define HC_GARBAGE_LOG_NS (60 * (int64_t)1000000000)
+struct hc_garbage {
+    struct {
+        char addr[64];
+        int64_t logged_ns;
+        uint64_t dropped; /* since the last line about this address */
+    } src[HC_GARBAGE_SOURCES];
+    uint64_t total;
+};
+
+static void warn_dropped(hc_comm *c, hc_msg *m, const char *why) {
+    if (!c->garbage && !(c->garbage = calloc(1, sizeof *c->garbage))) return;
+    struct hc_garbage *g = c->garbage;
+    const char *addr = hc_zmq.msg_gets ? hc_zmq.msg_gets(&m->frame, "Peer-Address") : NULL;
+    if (!addr || !*addr) addr = "a local (ipc) client";
+    g->total++;
+    int slot = 0;
+    for (int i = 0; i < HC_GARBAGE_SOURCES; i++) {
+        if (strncmp(g->src[i].addr, addr, sizeof g->src[i].addr - 1) == 0) {
+            slot = i;
+            break;
+        }
+        if (g->src[i].logged_ns < g->src[slot].logged_ns) slot = i; /* the stalest, if not found */
+    }
+    if (strncmp(g->src[slot].addr, addr, sizeof g->src[slot].addr - 1) != 0) {
+        snprintf(g->src[slot].addr, sizeof g->src[slot].addr, "%s", addr);
+        g->src[slot].logged_ns = 0;
+        g->src[slot].dropped = 0;
+    }
+    g->src[slot].dropped++;
+    int64_t now = hc_now_ns();
+    if (g->src[slot].logged_ns && now - g->src[slot].logged_ns < HC_GARBAGE_LOG_NS) return;
     hc_log(HC_LOG_WARNING,
-           "%s: rank %d dropped a message on its port: %s (magic %08x, version %u, src %d)",
-           c->name, c->rank, why, m->h.magic, m->h.version, m->h.src);
+           "%s: rank %d dropped %llu message(s) from %s on its port in the last minute (%llu in all): %s "
+           "(magic %08x, version %u, src %d); further ones from there are counted, not logged, for a minute",
+           c->name, c->rank, (unsigned long long)g->src[slot].dropped, addr, (unsigned long long)g->total, why,
+           m->h.magic, m->h.version, m->h.src);
+    g->src[slot].logged_ns = now;
+    g->src[slot].dropped = 0;
 }
 
 /* Handshake messages carry the session token where collectives carry their sequence number. */
@@ -153,18 +191,56 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
         return HC_OK;
     }
     if (h->version != HC_WIRE_VERSION) {
-        hc_log(HC_LOG_ERROR, "%s: rank %d got wire version %u from rank %d, expected %u", c->name,
-               c->rank, h->version, h->src, HC_WIRE_VERSION);
+        warn_dropped(c, m, "another wire version (a hetcomm of another release?)");
         drop(c, m);
         return HC_OK;
     }
-    if (h->comm_id != c->cfg.comm_id || h->src < 0 || h->src >= c->size || h->src == c->rank) {
-        warn_dropped(c, m, "from another communicator or an unknown rank");
+    if (h->comm_id != c->cfg.comm_id) {
+        if (h->comm_id == c->next_comm_id && c->next_comm_id) {
+            /* A peer already runs the communicator this one is being reshaped into. */
+            m->next = NULL;
+            if (c->future_tail)
+                c->future_tail->next = m;
+            else
+                c->future_head = m;
+            c->future_tail = m;
+            return HC_OK;
+        }
+        int ancestor = 0;
+        for (size_t i = 0; i < sizeof c->ancestors / sizeof c->ancestors[0]; i++)
+            if (c->ancestors[i] && c->ancestors[i] == h->comm_id) ancestor = 1;
+        if (!ancestor) warn_dropped(c, m, "from another communicator");
+        drop(c, m); /* late messages of the communicator this one was reshaped from */
+        return HC_OK;
+    }
+    if (h->src < 0 || h->src >= c->size || h->src == c->rank) {
+        warn_dropped(c, m, "from an unknown rank");
         drop(c, m);
         return HC_OK;
     }
     hc_peer *p = &c->peers[h->src];
+    if (c->failed && c->failed[h->src]) { /* held failed: it is not heard any more */
+        drop(c, m);
+        return HC_OK;
+    }
+    p->last_heard_ns = hc_now_ns();
     switch (h->kind) {
+    case HC_MSG_HEARTBEAT:
+        drop(c, m);
+        return HC_OK;
+    case HC_MSG_BYE:
+        p->said_bye = 1;
+        drop(c, m);
+        return HC_OK;
+    case HC_MSG_FAULT:
+    case HC_MSG_DECIDE:
+        hc_member_on_message(c, m);
+        drop(c, m);
+        return HC_OK;
+    case HC_MSG_RESHAPE:
+        hc_reshape_on_message(c, m);
+        drop(c, m);
+        return HC_OK;
     case HC_MSG_HELLO:
         if (h->seq != c->cfg.session_token) {
             warn_dropped(c, m, "greeting with the wrong session token (another job on this port?)");
@@ -266,16 +342,41 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
     }
 }
 
+static int drain_socket(hc_comm *c, want *w, int ctl, int i) {
+    hc_msg *m;
+    int r;
+    while ((r = ctl ? hc_tp_try_recv_ctl(c, i, &m) : hc_tp_try_recv(c, i, &m)) == 1) {
+        int rc = dispatch(c, w, m);
+        if (rc != HC_OK) return rc;
+        if (w->found) return HC_OK;
+    }
+    if (r < 0) return w->op ? hc_op_failf(w->op, -r, "%s", hc_last_error()) : -r;
+    return HC_OK;
+}
+
+/* Control messages first: a fault notice must not wait behind data. */
+static int drain_control(hc_comm *c, want *w) {
+    for (int i = 0; i < c->nctl; i++) {
+        int rc = drain_socket(c, w, 1, i);
+        if (rc != HC_OK || w->found) return rc;
+    }
+    return HC_OK;
+}
+
 static int drain_inboxes(hc_comm *c, want *w) {
+    /* Messages that came for this communicator while it was being made. */
+    while (c->future_head) {
+        hc_msg *m = c->future_head;
+        c->future_head = m->next;
+        if (!c->future_head) c->future_tail = NULL;
+        int rc = dispatch(c, w, m);
+        if (rc != HC_OK || w->found) return rc;
+    }
+    int rc = drain_control(c, w);
+    if (rc != HC_OK || w->found) return rc;
     for (int i = 0; i < c->ninbox; i++) {
-        hc_msg *m;
-        int r;
-        while ((r = hc_tp_try_recv(c, i, &m)) == 1) {
-            int rc = dispatch(c, w, m);
-            if (rc != HC_OK) return rc;
-            if (w->found) return HC_OK;
-        }
-        if (r < 0) return w->op ? hc_op_failf(w->op, -r, "%s", hc_last_error()) : -r;
+        rc = drain_socket(c, w, 0, i);
+        if (rc != HC_OK || w->found) return rc;
     }
     return HC_OK;
 }
@@ -285,6 +386,8 @@ static void drain_pipe(int fd) {
     while (read(fd, buf, sizeof buf) > 0) {
     }
 }
+
+static int watch_monitors(hc_comm *c, want *w);
 
 /* New p2p ops, abort requests, monitor events. */
 static int service_control(hc_comm *c, want *w) {
@@ -308,6 +411,11 @@ static int service_control(hc_comm *c, want *w) {
         hc_set_last_error("aborted on rank %d: %s", c->rank, c->abort_reason);
         return w->op ? hc_op_failf(w->op, HC_ERR_ABORTED, "%s", hc_last_error()) : HC_ERR_ABORTED;
     }
+    return watch_monitors(c, w);
+}
+
+/* Refused CURVE clients, and peers whose control connection dropped. */
+static int watch_monitors(hc_comm *c, want *w) {
     for (int ev; c->secure_monitor && (ev = hc_tp_read_event(c->secure_monitor)) != 0;) {
         const char *what = "refused a connection to its CURVE port: the connecting process's key is not in "
                            "the allow-list, or it expected another server key";
@@ -418,10 +526,12 @@ int hc_progress_wait(hc_comm *c, hc_op *op, int src, uint32_t part, int timeout_
         if ((rc = service_control(c, &w)) != HC_OK) return rc;
         int64_t now = hc_now_ns();
         char who[160];
-        if (p->gone && now >= p->gone_ns + (int64_t)HC_GONE_GRACE_MS * 1000000)
+        long tick = hc_member_tick(c, now);
+        if (atomic_load(&c->status) != HC_OK) continue; /* a peer was found failed: service_control fails the op */
+        /* A peer that closed on purpose may have sent its last messages just before. */
+        if (p->left && now >= p->gone_ns + (int64_t)HC_GONE_GRACE_MS * 1000000)
             return hc_op_failf(op, HC_ERR_PEER_LOST,
-                               "%s closed its connection (it exited, crashed or destroyed its "
-                               "communicator) while rank %d waited for message %u of %s #%" PRIu64,
+                               "%s destroyed its communicator while rank %d waited for message %u of %s #%" PRIu64,
                                hc_peer_desc(c, src, who, sizeof who), c->rank, part,
                                hc_op_kind_name(op->kind), op->seq);
         if (now >= deadline)
@@ -433,7 +543,8 @@ int hc_progress_wait(hc_comm *c, hc_op *op, int src, uint32_t part, int timeout_
                                hc_op_kind_name(op->kind), op->seq, part);
         long wait = ms_until(deadline, now);
         wait = min_timeout(wait, hc_p2p_expire(c, now));
-        if (p->gone) wait = min_timeout(wait, ms_until(p->gone_ns + (int64_t)HC_GONE_GRACE_MS * 1000000, now));
+        wait = min_timeout(wait, tick);
+        if (p->left) wait = min_timeout(wait, ms_until(p->gone_ns + (int64_t)HC_GONE_GRACE_MS * 1000000, now));
         if ((rc = poll_items(c, op, wait)) != HC_OK) return rc;
     }
 }
@@ -454,28 +565,26 @@ int hc_progress_tx_drain(hc_comm *c, hc_op *op, int group, int timeout_ms) {
                                "rank %d timed out after %d ms waiting for its peers to take the "
                                "data it sent in %s #%" PRIu64,
                                c->rank, timeout_ms, hc_op_kind_name(op->kind), op->seq);
-        if ((rc = poll_items(c, op, ms_until(deadline, now))) != HC_OK) return rc;
+        long tick = hc_member_tick(c, now);
+        if ((rc = poll_items(c, op, min_timeout(ms_until(deadline, now), tick))) != HC_OK) return rc;
+    }
+}
+
+/* p2p ops queued on a communicator that broke before they started. */
+static void fail_queued_p2p(hc_comm *c) {
+    pthread_mutex_lock(&c->qmu);
+    hc_op *p2p = c->p2p_head;
+    c->p2p_head = c->p2p_tail = NULL;
+    pthread_mutex_unlock(&c->qmu);
+    for (hc_op *next; p2p; p2p = next) {
+        next = p2p->next;
+        hc_op_complete(p2p, atomic_load(&c->status) == HC_ERR_PEER_LOST ? HC_ERR_PEER_LOST : HC_ERR_ABORTED,
+                       c->error);
     }
 }
 
 void hc_progress_idle(hc_comm *c) {
     want w = {NULL, -1, 0, NULL};
-    if (atomic_load(&c->status) != HC_OK) {
-        /* Broken: only new ops (to fail them) and the close matter. */
-        hc_comm_quiesce(c);
-        hc_zmq_pollitem wake = {NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
-        hc_zmq.poll(&wake, 1, -1);
-        drain_pipe(c->wake_fd[0]);
-        pthread_mutex_lock(&c->qmu);
-        hc_op *p2p = c->p2p_head;
-        c->p2p_head = c->p2p_tail = NULL;
-        pthread_mutex_unlock(&c->qmu);
-        for (hc_op *next; p2p; p2p = next) {
-            next = p2p->next;
-            hc_op_complete(p2p, HC_ERR_ABORTED, c->error);
-        }
-        return;
-    }
     int rc = drain_inboxes(c, &w);
     if (rc == HC_OK) rc = service_control(c, &w);
     if (rc != HC_OK) {
@@ -486,34 +595,87 @@ void hc_progress_idle(hc_comm *c) {
     int work = c->q_head != NULL || c->p2p_head != NULL || c->closing;
     pthread_mutex_unlock(&c->qmu);
     if (work) return;
-    poll_items(c, NULL, hc_p2p_expire(c, hc_now_ns()));
+    int64_t now = hc_now_ns();
+    poll_items(c, NULL, min_timeout(hc_p2p_expire(c, now), hc_member_tick(c, now)));
 }
 
 int hc_progress_needs_sockets(hc_comm *c) {
+    if (atomic_load(&c->status) != HC_OK) return 0; /* housekeeping is all a broken one needs */
     pthread_mutex_lock(&c->qmu);
     int p2p = c->p2p_head != NULL;
     pthread_mutex_unlock(&c->qmu);
-    return p2p || c->recv_pending_head || atomic_load(&c->status) != HC_OK || atomic_load(&c->abort_requested);
+    return p2p || c->recv_pending_head || atomic_load(&c->abort_requested);
+}
+
+long hc_progress_housekeeping(hc_comm *c) {
+    want w = {NULL, -1, 0, NULL};
+    int rc = drain_control(c, &w);
+    if (rc == HC_OK) rc = watch_monitors(c, &w);
+    if (rc != HC_OK && atomic_load(&c->status) == HC_OK) hc_comm_break(c, rc, hc_last_error(), 1);
+    if (atomic_load(&c->status) != HC_OK) fail_queued_p2p(c);
+    return hc_member_tick(c, hc_now_ns());
 }
 
 void hc_progress_clear_wakeups(hc_comm *c) { drain_pipe(c->wake_fd[0]); }
 
-void hc_progress_sleep(hc_comm *c) {
-    hc_zmq_pollitem wake = {NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
-    hc_zmq.poll(&wake, 1, -1);
+void hc_progress_sleep(hc_comm *c, long timeout_ms) {
+    if (c->nsleep) {
+        hc_zmq.poll(c->sleep_items, c->nsleep, timeout_ms);
+    } else {
+        hc_zmq_pollitem wake = {NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
+        hc_zmq.poll(&wake, 1, timeout_ms);
+    }
+}
+
+int hc_progress_snapshot_idle(hc_comm *c) {
+    if (c->nidle > c->sleep_cap) {
+        hc_zmq_pollitem *grown = realloc(c->sleep_items, (size_t)c->nidle * sizeof *grown);
+        if (!grown) return c->nsleep = 0;
+        c->sleep_items = grown;
+        c->sleep_cap = c->nidle;
+    }
+    memcpy(c->sleep_items, c->idle_items, (size_t)c->nidle * sizeof *c->idle_items);
+    return c->nsleep = c->nidle;
+}
+
+int hc_progress_until(hc_comm *c, int (*done)(hc_comm *, void *), void *arg, int64_t deadline_ns) {
+    want w = {NULL, -1, 0, NULL};
+    for (;;) {
+        /* Only the control plane and the zero-copy releases: data waits in
+         * the inboxes for the op (or the communicator) it belongs to. */
+        int rc = drain_control(c, &w);
+        if (rc == HC_OK) rc = watch_monitors(c, &w);
+        if (rc != HC_OK && atomic_load(&c->status) == HC_OK) hc_comm_break(c, rc, hc_last_error(), 1);
+        drain_pipe(c->tx->fd[0]);
+        int64_t now = hc_now_ns();
+        long tick = hc_member_tick(c, now);
+        if (done(c, arg)) return HC_OK;
+        if (now >= deadline_ns) return HC_ERR_TIMEOUT;
+        hc_zmq_pollitem items[c->nctl + 2 + c->size];
+        int n = 0;
+        for (int i = 0; i < c->nctl; i++) items[n++] = (hc_zmq_pollitem){c->ctl_inbox[i], 0, HC_ZMQ_POLLIN, 0};
+        items[n++] = (hc_zmq_pollitem){NULL, c->tx->fd[0], HC_ZMQ_POLLIN, 0};
+        if (c->secure_monitor) items[n++] = (hc_zmq_pollitem){c->secure_monitor, 0, HC_ZMQ_POLLIN, 0};
+        for (int r = 0; r < c->size; r++)
+            if (r != c->rank && c->peers[r].monitor)
+                items[n++] = (hc_zmq_pollitem){c->peers[r].monitor, 0, HC_ZMQ_POLLIN, 0};
+        if (hc_zmq.poll(items, n, min_timeout(ms_until(deadline_ns, now), tick)) < 0 &&
+            hc_zmq.errno_() == EINTR && !hc_on_worker)
+            return HC_ERR_INTERRUPTED;
+    }
 }
 
 /* All its streams greeted this rank, and it answered this rank's greeting. */
 static int greeted_both_ways(const hc_peer *p) {
-    return p->peer_streams != 0 && p->hellos >= p->peer_streams && p->ready;
+    return p->inherited || (p->peer_streams != 0 && p->hellos >= p->peer_streams && p->ready);
 }
 
 int hc_progress_handshake(hc_comm *c) {
     hc_wire_header h;
     control_header(c, &h, HC_MSG_HELLO);
     for (int r = 0; r < c->size; r++) {
-        if (r == c->rank) continue;
         hc_peer *p = &c->peers[r];
+        if (r == c->rank || p->inherited) continue;
         h.count = (uint64_t)p->nstreams; /* tells the peer how many greetings to expect */
         h.flags = p->tx_lane ? HC_WIRE_SHM : 0;
         for (int s = 0; s < p->nstreams; s++) {
@@ -538,7 +700,7 @@ int hc_progress_handshake(hc_comm *c) {
              * ping waits on a rank that has moved on. */
             control_header(c, &h, HC_MSG_PING);
             for (int r = 0; r < c->size; r++) {
-                if (r == c->rank) continue;
+                if (r == c->rank || c->peers[r].inherited) continue;
                 h.count = (uint64_t)hc_now_ns();
                 if ((rc = hc_tp_send(c, &c->peers[r], &h, NULL, 0, -1)) != HC_OK) return rc;
             }

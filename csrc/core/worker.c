@@ -25,10 +25,28 @@ static int run_algorithm(hc_exec *x) {
     }
 }
 
+/* Before a failed op completes: the survivors agree on who failed (so its
+ * error and hc_comm_failed_ranks tell the same set everywhere), and ZeroMQ
+ * lets go of the op's buffers. Live peers take what was sent to them; the
+ * links to failed ones were closed, which drops what was queued for them. */
+static int settled_after_failure(hc_comm *c, void *arg) {
+    (void)arg;
+    if (hc_tx_inflight(c->tx, -1)) return 0;
+    return !c->nfailed || hc_member_settled(c);
+}
+
+static void settle_after_failure(hc_comm *c) {
+    int64_t wait_ms = HC_SETTLE_MS + (c->heartbeat_ns ? c->heartbeat_ns / 1000000 : 0);
+    hc_progress_until(c, settled_after_failure, NULL, hc_now_ns() + wait_ms * 1000000);
+    if (hc_tx_inflight(c->tx, -1)) hc_comm_quiesce(c); /* a stuck peer holds buffers: drop every link */
+}
+
 void hc_run_op(hc_comm *c, hc_op *op) {
-    if (atomic_load(&c->status) != HC_OK) {
-        hc_op_failf(op, HC_ERR_ABORTED, "communicator broken by an earlier error: %s", c->error);
-        hc_op_complete(op, HC_ERR_ABORTED, NULL);
+    int broken = atomic_load(&c->status);
+    if (broken != HC_OK) {
+        int status = broken == HC_ERR_PEER_LOST || broken == HC_ERR_STATE ? broken : HC_ERR_ABORTED;
+        hc_op_failf(op, status, "communicator broken by an earlier error: %s", c->error);
+        hc_op_complete(op, status, NULL);
         return;
     }
     for (int r = 0; r < c->size; r++) c->peers[r].tx_part = c->peers[r].rx_part = 0;
@@ -41,7 +59,7 @@ void hc_run_op(hc_comm *c, hc_op *op) {
     if (status != HC_OK) {
         if (!op->error[0]) hc_op_failf(op, status, "%s", hc_status_string(status));
         hc_comm_break(c, status, op->error, status != HC_ERR_ABORTED || atomic_load(&c->abort_requested));
-        hc_comm_quiesce(c);
+        settle_after_failure(c);
     }
     hc_op_complete(op, status, NULL);
 }
@@ -79,16 +97,20 @@ void *hc_worker_main(void *arg) {
         } else if (hc_progress_needs_sockets(c)) {
             hc_progress_idle(c);
         } else {
-            /* Nothing to watch: let go of the sockets, so a blocking call can
-             * run on its caller's thread, and sleep until woken. Wake-ups are
-             * cleared only here, holding the engine, and the queue is looked
-             * at again afterwards, so none is lost. */
+            /* No op: serve the control plane (heartbeats, faults, reshapes),
+             * then let go of the sockets, so a blocking call can run on its
+             * caller's thread, and sleep until woken, until a control message
+             * or monitor event may have come, or until the next heartbeat is
+             * due. Wake-ups are cleared only here, holding the engine, and
+             * the queue is looked at again afterwards, so none is lost. */
+            long next_ms = hc_progress_housekeeping(c);
             hc_progress_clear_wakeups(c);
+            hc_progress_snapshot_idle(c);
             pthread_mutex_lock(&c->qmu);
             int more = c->q_head || c->p2p_head || c->closing;
             pthread_mutex_unlock(&c->qmu);
             pthread_mutex_unlock(&c->engine);
-            if (!more) hc_progress_sleep(c);
+            if (!more) hc_progress_sleep(c, next_ms);
             continue;
         }
         pthread_mutex_unlock(&c->engine);

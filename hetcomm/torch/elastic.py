@@ -111,9 +111,8 @@ def _growth_name(name: str, admitted: int) -> str:
 
 
 def _rendezvous_prefix(comm_name: str) -> str:
-    # Where a Communicator of that name rendezvouses when it is the first of
-    # its name in its process, as a newcomer's is (join_group checks it).
-    return f"hetcomm/{comm_name}/0"
+    """Where the members and the newcomers of a growth meet in the store."""
+    return f"hetcomm/{comm_name}"
 
 
 def _timedelta(seconds: float) -> timedelta:
@@ -230,11 +229,8 @@ def join_group(store: Any, *, name: str = "world", options: ProcessGroupOptions 
     opts = ProcessGroupOptions(**merged).resolved()
     rank, size, comm_name = int(admission["rank"]), int(admission["size"]), admission["comm"]
     ext = _build.load()
-    communicator = Communicator(rank, size, store=store, name=comm_name, options=opts)
-    if communicator._prefix != _rendezvous_prefix(comm_name):
-        communicator.close(abort=True)
-        raise RuntimeError(f"hetcomm.torch.join_group: this process already made a communicator named "
-                           f"{comm_name!r}; a process joins a growth once")
+    communicator = Communicator(rank, size, store=store, name=comm_name, options=opts,
+                                _prefix=_rendezvous_prefix(comm_name))
     handle = handle_of(communicator)
     try:
         backend = ext.HetcommBackend(api_address(), int(ffi.cast("uintptr_t", handle)), rank, size,
