@@ -122,7 +122,8 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--backends", default="hetcomm,gloo")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--deadline", type=float, default=30.0, help="seconds after the kill before a survivor counts as hung")
+    ap.add_argument("--deadline", type=float, default=30.0,
+                    help="seconds after the kill before a survivor counts as hung")
     ap.add_argument("--json", help="write every trial here")
     args = ap.parse_args()
     results = {}

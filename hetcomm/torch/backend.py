@@ -153,14 +153,27 @@ def handle_of(communicator: _comm.Communicator) -> Any:
     return handle
 
 
-def api_address() -> int:
-    """Address of the core's function table, for the shim."""
-    return int(ffi.cast("uintptr_t", lib.hc_get_api()))
+def wrap_handle(handle: Any, rank: int, size: int, opts: Options, name: str) -> Any:
+    """The shim's backend, owning ``handle`` (a connected hc_comm, destroyed if this fails).
 
-
-def settings_json(opts: Options) -> str:
-    """A group's settings as the shim keeps them (see HetcommBackend.settings)."""
-    return json.dumps(dataclasses.asdict(opts))
+    The backend keeps ``opts`` as its settings (HetcommBackend.settings),
+    which the groups shrunk from it inherit and newcomers adopt.
+    """
+    global _exit_hook
+    ext = _build.load()
+    try:
+        backend = ext.HetcommBackend(int(ffi.cast("uintptr_t", lib.hc_get_api())),
+                                     int(ffi.cast("uintptr_t", handle)), rank, size, float(opts.timeout), name)
+    except BaseException:
+        lib.hc_comm_destroy(handle)
+        raise
+    backend.settings = json.dumps(dataclasses.asdict(opts))
+    if not _exit_hook:
+        # At exit, close what is still open; groups with ops in flight are
+        # aborted so that their peers hear of it at once.
+        atexit.register(ext.shutdown_all)
+        _exit_hook = True
+    return backend
 
 
 def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
@@ -175,7 +188,6 @@ def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
     Returns:
         The C++ backend (a ``torch._C._distributed_c10d.Backend``).
     """
-    global _exit_hook
     opts = _resolve_options(pg_options, dist_opts.timeout)
     store = dist_opts.store
     bind = _bind_address(opts, store)
@@ -185,21 +197,9 @@ def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
     name = _comm_name(str(dist_opts.group_id), list(dist_opts.global_ranks_in_group))
     # Build (or load) the shim before connecting, so that a slow first build
     # cannot eat into the connect timeout.
-    ext = _build.load()
+    _build.load()
     communicator = _comm.Communicator(rank, size, store=store, name=name, options=opts)
-    handle = handle_of(communicator)
-    try:
-        backend = ext.HetcommBackend(api_address(), int(ffi.cast("uintptr_t", handle)), rank, size,
-                                     float(opts.timeout), name)
-    except BaseException:
-        lib.hc_comm_destroy(handle)
-        raise
-    backend.settings = settings_json(opts)
-    if not _exit_hook:
-        # At exit, close what is still open; groups with ops in flight are
-        # aborted so that their peers hear of it at once.
-        atexit.register(ext.shutdown_all)
-        _exit_hook = True
+    backend = wrap_handle(handle_of(communicator), rank, size, opts, name)
     log.debug("%s: rank %d/%d ready (timeout %.1f s)", name, rank, size, opts.timeout)
     return backend
 

@@ -47,7 +47,7 @@ from hetcomm._capi import ffi, lib
 from hetcomm.comm import Communicator, connect_peers
 from hetcomm.config import Options
 from hetcomm.torch import _build
-from hetcomm.torch.backend import BACKEND_NAME, api_address, handle_of, process_group_over, settings_json
+from hetcomm.torch.backend import BACKEND_NAME, handle_of, process_group_over, wrap_handle
 from hetcomm.torch.options import ProcessGroupOptions
 
 log = logging.getLogger("hetcomm.torch")
@@ -193,12 +193,10 @@ def _grow(store: Any, pg: Any, backend: Any, name: str, admitted: int, joining: 
                   "curve": curve[0] if curve else None}
         records = rendezvous.exchange(store, prefix, rank, new_size, record)
         connect_peers(handle, rank, records, range(size, new_size), record, curve, allow)
-        grown = _build.load().HetcommBackend(api_address(), int(ffi.cast("uintptr_t", handle)), rank, new_size,
-                                             float(opts.timeout), comm_name)
     except BaseException:
         lib.hc_comm_destroy(handle)
         raise
-    grown.settings = backend.settings
+    grown = wrap_handle(handle, rank, new_size, opts, comm_name)
     # The old group's communicator only fails ops now; its links live on in the grown one.
     c10d.destroy_process_group(pg)
     return _install_default(grown, store, comm_name)
@@ -228,17 +226,11 @@ def join_group(store: Any, *, name: str = "world", options: ProcessGroupOptions 
     merged = {**admission["settings"], **{k: v for k, v in own.items() if k in _PER_PROCESS}}
     opts = ProcessGroupOptions(**merged).resolved()
     rank, size, comm_name = int(admission["rank"]), int(admission["size"]), admission["comm"]
-    ext = _build.load()
+    # The shim first, so that a slow first build cannot eat into the connect timeout.
+    _build.load()
     communicator = Communicator(rank, size, store=store, name=comm_name, options=opts,
                                 _prefix=_rendezvous_prefix(comm_name))
-    handle = handle_of(communicator)
-    try:
-        backend = ext.HetcommBackend(api_address(), int(ffi.cast("uintptr_t", handle)), rank, size,
-                                     float(opts.timeout), comm_name)
-    except BaseException:
-        lib.hc_comm_destroy(handle)
-        raise
-    backend.settings = settings_json(opts)
+    backend = wrap_handle(handle_of(communicator), rank, size, opts, comm_name)
     log.info("%s: joined as rank %d of %d", comm_name, rank, size)
     return _install_default(backend, store, comm_name)
 
