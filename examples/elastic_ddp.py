@@ -136,7 +136,6 @@ def rank_main(args: argparse.Namespace) -> None:
     import hetcomm.torch as ht
 
     torch.set_num_threads(1)
-    _emit("started", worker=args.worker)
     host, port = args.store.rsplit(":", 1)
     store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=args.timeout))
     worker, world = args.worker, int(os.environ["WORLD_SIZE"])
@@ -189,10 +188,12 @@ def rank_main(args: argparse.Namespace) -> None:
             _emit("step", worker=worker, step=step, size=pg.size(), loss=loss.item(), grad_err=grad_err)
             step += 1
         except RuntimeError as exc:
-            lost = ht.failed_ranks(pg)
+            raised = time.time()
+            lost = ht.failed_ranks(pg)  # the survivors' agreed set
             if not lost:
                 raise
-            _emit("failure", worker=worker, step=step, lost=lost, error=str(exc).splitlines()[0][:300])
+            _emit("failure", worker=worker, step=step, lost=lost, raised=raised,
+                  error=str(exc).splitlines()[0][:300])
             pg = ht.shrink_lost(pg)
             _emit("shrunk", worker=worker, rank=pg.rank(), size=pg.size())
             behind = step
@@ -313,7 +314,9 @@ def figures(run: dict, args: argparse.Namespace) -> dict:
     ev, marks, victims = run["events"], run["marks"], run["victims"]
     kill, restart = marks["kill"], marks["restart"]
     survivors = sorted(set(run["finished"]) - set(victims))
-    detect = [next(e["t"] for e in ev if e["ev"] == "failure" and e["worker"] == w) - kill for w in survivors]
+    failures = {e["worker"]: e for e in ev if e["ev"] == "failure"}
+    raised = [failures[w]["raised"] - kill for w in survivors]
+    agreed = [failures[w]["t"] - kill for w in survivors]
     shrunk = [next(e["t"] for e in ev if e["ev"] == "shrunk" and e["worker"] == w) - kill for w in survivors]
     small = min(e["size"] for e in ev if e["ev"] == "shrunk")
     resumed = [min(e["t"] for e in ev if e["ev"] == "step" and e["worker"] == w and e["t"] > kill
@@ -326,7 +329,7 @@ def figures(run: dict, args: argparse.Namespace) -> dict:
     asked = max(e["t"] for e in ev if e["ev"] == "joining" and e["t"] > restart)
     first_full = max(min(e["t"] for e in ev if e["ev"] == "step" and e["worker"] == w and e["t"] > restart
                          and e["size"] == full) for w in victims)
-    return {"detect_s": max(detect), "shrunk_s": max(shrunk), "resumed_s": max(resumed), "rejoined_s": max(rejoined),
+    return {"raised_s": max(raised), "agreed_s": max(agreed), "shrunk_s": max(shrunk), "resumed_s": max(resumed), "rejoined_s": max(rejoined),
             "startup_s": asked - restart, "join_to_full_step_s": first_full - asked, "rejoin_step": joined_step,
             "survivors": survivors}
 
@@ -435,7 +438,8 @@ def main() -> None:
     where = "loopback (site labels)" if bed is None else f"netns test bed, WAN {args.rate}"
     print(f"# elastic DDP, {args.sites} sites x {args.ranks_per_site} ranks, {where}, {args.steps} steps; "
           f"site {args.kill_site} SIGKILLed at step {args.kill_step}, restarted at step {args.rejoin_step}")
-    print(f"failure seen by every survivor   {fig['detect_s']:.3f} s after the kill")
+    print(f"every survivor raised            {fig['raised_s']:.3f} s after the kill")
+    print(f"failed set agreed on everywhere  {fig['agreed_s']:.3f} s after the kill")
     print(f"group shrunk on every survivor   {fig['shrunk_s']:.3f} s after the kill")
     print(f"first step of the shrunk group   {fig['resumed_s']:.3f} s after the kill")
     print(f"site back, first full-size step  {fig['rejoined_s']:.3f} s after its restart (joined at step "
