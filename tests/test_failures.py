@@ -1,6 +1,7 @@
 """What users get wrong and what breaks: every case ends in a clear error, never a hang."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -55,6 +56,7 @@ def _mismatched(rank: int, size: int, case: str) -> str:
     import hetcomm
 
     comm = None
+    step = "call"
     try:
         # A rank still connecting when another detects the mismatch learns of
         # it right there, from that rank's abort.
@@ -70,16 +72,21 @@ def _mismatched(rank: int, size: int, case: str) -> str:
             comm.allreduce(np.ones(1000, np.float32 if rank else np.int32))
         elif case == "root":
             comm.broadcast(np.ones(10, np.float32), root=rank % 2)
+        elif case == "root2":  # every rank a root: nobody receives, yet every rank must fail
+            comm.broadcast(np.ones(100_000, np.float32), root=rank)
+        elif case == "scatter_root":
+            comm.scatter(np.ones(30, np.float32), np.empty(10, np.float32), root=rank % 2)
         elif case == "sequence":
             if rank == 0:
                 comm.barrier()
             comm.allreduce(np.ones(10, np.float32))
-        # A rank whose part of the call needed nothing from the others (a
-        # broadcast root) learns of the mismatch at its next collective, from
-        # the rank that detected it.
+        # A rank whose part of the call went well in its own view (it got
+        # what the rank it waited for sent) learns of the mismatch at its
+        # next collective, from the rank that detected it.
+        step = "next"
         comm.barrier()
     except hetcomm.HetcommError as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {step}: {exc}"
     finally:
         if comm:
             comm.close()
@@ -87,7 +94,7 @@ def _mismatched(rank: int, size: int, case: str) -> str:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("case", ["op", "count", "dtype", "root", "sequence"])
+@pytest.mark.parametrize("case", ["op", "count", "dtype", "root", "root2", "scatter_root", "sequence"])
 def test_mismatched_calls_fail_on_every_rank(case):
     t0 = time.monotonic()
     results = run_ranks(_mismatched, 3, case, timeout=60)
@@ -99,6 +106,8 @@ def test_mismatched_calls_fail_on_every_rank(case):
         # quoting that first error.
         assert text.split(":")[0] in ("MismatchError", "ProtocolError", "AbortedError"), f"rank {rank}: {text}"
         assert "differs across ranks" in text or "different numbers of collectives" in text, text
+    if case == "root2":  # each rank is a root: each learns it from the others' data, in the call itself
+        assert all(text.startswith("MismatchError: call: ") for text in results), results
 
 
 def _dies(rank: int, size: int) -> str:
@@ -168,6 +177,72 @@ def _garbage(rank: int, size: int) -> None:
 @pytest.mark.timeout(60)
 def test_garbage_on_a_port_is_dropped_and_the_job_goes_on():
     run_ranks(_garbage, 2, timeout=50)
+
+
+def _garbage_flood(rank: int, size: int, n: int) -> tuple[int, int, int] | None:
+    """Rank 0 throws n raw garbage connections at each of rank 1's ports (data
+    and control inboxes) and n forged or foreign frames through one ZeroMQ
+    client; rank 1 counts its file descriptors and its log lines about it."""
+    import logging
+    import socket
+
+    import zmq
+
+    import hetcomm
+    from hetcomm.store import shared_store
+
+    lines: list[str] = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "dropped" in record.getMessage():
+                lines.append(record.getMessage())
+
+    logging.getLogger("hetcomm").addHandler(Count(logging.WARNING))
+    comm = hetcomm.Communicator(rank, size, timeout=60)
+    store = shared_store(rank)
+    comm.barrier()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    store.set(f"flood/endpoint/{rank}", comm.endpoint)
+    if rank == 0:
+        target = store.get("flood/endpoint/1").decode()
+        urls = [e.split("=", 1)[1] for e in target.split(";") if e.split("=")[0] in ("tcp", "ctl-tcp")]
+        assert len(urls) == 2, target
+        addrs = [(u[len("tcp://"):].rsplit(":", 1)[0], int(u.rsplit(":", 1)[1])) for u in urls]
+        junk = [b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)), b"\xff" * 64, b"\x01\x00" + bytes(300)]
+        for i in range(n):
+            with socket.create_connection(addrs[i % 2]) as s:
+                s.sendall(junk[i % 3])
+        for addr in addrs:  # the last ones: wait until the server hangs up on them
+            with socket.create_connection(addr) as s:
+                s.sendall(junk[1])
+                while s.recv(4096):
+                    pass
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 5000)
+        for url in urls:
+            push.connect(url)
+        forged = b"HCM1\x03\x02" + bytes(58)  # right magic, wrong communicator
+        for i in range(n):
+            push.send(forged if i % 2 else os.urandom(80))
+        push.close()
+    comm.barrier()
+    for i in range(5):
+        x = np.full(100_000, rank + i, np.float32)
+        comm.allreduce(x)
+        assert (x == sum(range(size)) + size * i).all()
+    fds_after = len(os.listdir("/proc/self/fd"))
+    comm.close()
+    return (fds_before, fds_after, len(lines)) if rank == 1 else None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [2000, pytest.param(20_000, marks=pytest.mark.slow)])
+def test_garbage_flood_keeps_fds_and_log_bounded(n):
+    fds_before, fds_after, lines = run_ranks(_garbage_flood, 2, n, timeout=110)[1]
+    assert fds_after <= fds_before + 2, f"{fds_before} fds before {n} garbage connections, {fds_after} after"
+    # One line per remote address per minute: here every client is 127.0.0.1.
+    assert 1 <= lines <= 2, f"{lines} log lines about {2 * n} garbage connections and frames"
 
 
 def _aborted(rank: int, size: int) -> str:

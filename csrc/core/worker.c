@@ -25,6 +25,30 @@ static int run_algorithm(hc_exec *x) {
     }
 }
 
+/* Broadcast and scatter: the root only sends, so by itself it would never
+ * see that another rank named another root. Every rank that got data
+ * straight from the root acknowledges it (an empty message under the op's
+ * signature), and the root waits for those: a rank that called with another
+ * root sends its own data instead, which the root's signature check turns
+ * into HC_ERR_MISMATCH, so the root fails too and not only the receivers. */
+static int confirm_root(hc_exec *x) {
+    hc_op *op = x->op;
+    hc_comm *c = x->comm;
+    if ((op->kind != HC_OP_BROADCAST && op->kind != HC_OP_SCATTER) || c->size == 1) return HC_OK;
+    if (c->rank != op->root) return c->peers[op->root].rx_part ? hc_xsend_copy(x, op->root, NULL, 0) : HC_OK;
+    for (int r = 0; r < c->size; r++) {
+        if (r == c->rank || !c->peers[r].tx_part) continue;
+        hc_msg *m;
+        int rc = hc_xrecv(x, r, &m);
+        if (rc != HC_OK) return rc;
+        size_t len = m->len;
+        hc_xrelease(x, m);
+        if (len) return hc_xfail(x, HC_ERR_PROTOCOL, "rank %d: the %s acknowledgement from rank %d holds %zu bytes",
+                                 c->rank, hc_op_kind_name(op->kind), r, len);
+    }
+    return HC_OK;
+}
+
 /* Before a failed op completes: the survivors agree on who failed (so its
  * error and hc_comm_failed_ranks tell the same set everywhere), and ZeroMQ
  * lets go of the op's buffers. Live peers take what was sent to them; the
@@ -53,6 +77,7 @@ void hc_run_op(hc_comm *c, hc_op *op) {
     hc_exec x = {c, op, op->timeout_ms, 0};
     int status = hc_progress_check_stash(c, op);
     if (status == HC_OK && !(c->size == 1 && op->kind == HC_OP_BARRIER)) status = run_algorithm(&x);
+    if (status == HC_OK) status = confirm_root(&x);
     /* The user may reuse the buffers once the op completes, so ZeroMQ must
      * have let go of every zero-copy send first. */
     if (status == HC_OK) status = hc_xsend_wait(&x, -1);

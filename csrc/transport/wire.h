@@ -13,7 +13,7 @@
 #include <stdint.h>
 
 #define HC_WIRE_MAGIC 0x314d4348u /* "HCM1" little-endian */
-#define HC_WIRE_VERSION 2
+#define HC_WIRE_VERSION 3
 
 /*
  * Data-plane kinds travel on a peer's data streams; the control kinds on its
