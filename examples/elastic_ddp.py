@@ -35,7 +35,7 @@ from typing import Any
 HIDDEN = 512
 FEATURES = 256
 CLASSES = 10
-BATCH = 64        # samples per rank and step
+BATCH = 128       # samples per rank and step
 EVAL_SAMPLES = 4096
 JOB = "elastic-example"
 EVENT = "@event "  # stdout lines the ranks report on
