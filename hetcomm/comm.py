@@ -534,7 +534,9 @@ class Communicator:
     def grow(self, new_size: int) -> "Communicator":
         """A new communicator of ``new_size`` ranks: these ranks keep their rank
         and links, and ranks ``size .. new_size-1`` are newcomers that call
-        :meth:`Communicator.join` on the same store.
+        :meth:`Communicator.join` on the same store. If a newcomer never
+        connects (the rendezvous times out), the error is raised and this
+        communicator goes on with its members (shrunk back over their links).
 
         Every rank of this communicator calls it at the same point (a step
         boundary, no op in flight). It returns once every newcomer has
@@ -562,11 +564,29 @@ class Communicator:
         try:
             peers = rendezvous.exchange(self._store, prefix, self.rank, int(new_size), self._record)
             new._connect_peers(peers, range(self.size, int(new_size)))
-        except BaseException:
-            new.close(abort=True)
+        except BaseException as exc:
+            self._fall_back(new, exc)
             raise
         log.info("%s: rank %d grew from %d to %d ranks", self.name, self.rank, self.size, new_size)
         return new
+
+    def _fall_back(self, grown: "Communicator", exc: BaseException) -> None:
+        """After a grow whose newcomers did not all connect: this communicator
+        goes on with its members only (the grown one shrunk back over their
+        links), so the caller can carry on at the old size."""
+        try:
+            back = grown.shrink(range(self.size, grown.size))
+        except HetcommError as again:
+            log.error("%s: rank %d: grow failed (%s) and going back to %d ranks failed too: %s", self.name,
+                      self.rank, exc, self.size, again)
+            grown.close(abort=True)
+            return
+        grown.close()
+        _live.discard(back)
+        lib.hc_comm_destroy(self._handle)
+        self._handle, back._handle = back._handle, ffi.NULL
+        log.warning("%s: rank %d: grow failed (%s); going on with the %d members", self.name, self.rank, exc,
+                    self.size)
 
     @classmethod
     def join(cls, store: Any = None, *, name: str = "world", timeout: float | timedelta | None = None,

@@ -3,6 +3,7 @@
 go on; a newcomer joins a running group through grow/join."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -122,23 +123,34 @@ def _silent(rank: int, size: int, victim: int) -> tuple:
     if rank == victim:
         store.set("victim/pid", str(os.getpid()))
         comm.barrier()
-        os.kill(os.getpid(), signal.SIGSTOP)  # alive, sockets open, but silent: a cut link
+        # Once the others are past the barrier (its last messages may still
+        # be in this process's queues): alive, sockets open, but silent.
+        store.wait([f"passed/{r}" for r in range(size) if r != victim])
+        os.kill(os.getpid(), signal.SIGSTOP)
         return None
     comm.barrier()
-    t0 = time.monotonic()
-    with pytest.raises(hetcomm.PeerLostError, match=r"nothing came from it for") as info:
-        for _ in range(100_000):
-            comm.allreduce(np.ones(1000, np.float32))
-    elapsed = time.monotonic() - t0
-    failed = comm.failed_ranks(timeout=10)
-    assert info.value.failed_ranks == failed
-    new = comm.shrink(failed)
-    result = _check_collectives(new, 7, codec=None)
-    if rank == 0:
-        os.kill(int(store.get("victim/pid")), signal.SIGKILL)
-    new.close()
-    comm.close()
-    return elapsed, failed, result
+    store.set(f"passed/{rank}", "1")
+    victim_pid = int(store.get("victim/pid"))
+    try:
+        t0 = time.monotonic()
+        # Found here by its silence, or told by the other survivor, who found it so.
+        with pytest.raises(hetcomm.PeerLostError, match=f"rank {victim} .* was lost") as info:
+            for _ in range(100_000):
+                comm.allreduce(np.ones(1000, np.float32))
+        elapsed = time.monotonic() - t0
+        text = str(info.value)
+        failed = comm.failed_ranks(timeout=10)
+        assert info.value.failed_ranks == failed
+        new = comm.shrink(failed)
+        result = _check_collectives(new, 7, codec=None)
+        new.close()
+        comm.close()
+    finally:
+        try:
+            os.kill(victim_pid, signal.SIGKILL)
+        except ProcessLookupError:  # the other survivor was first
+            pass
+    return elapsed, failed, result, text
 
 
 @pytest.mark.timeout(90)
@@ -146,10 +158,13 @@ def test_silent_rank_is_found_by_heartbeat_and_the_rest_go_on():
     size, victim = 3, 1
     results = run_ranks(_silent, size, victim, timeout=80, allow_failures=True)
     survivors = [results[r] for r in range(size) if r != victim]
-    for elapsed, failed, _ in survivors:
+    assert all(isinstance(r, tuple) for r in survivors), survivors
+    for elapsed, failed, _, _ in survivors:
         assert failed == [victim]
         assert elapsed < 10, f"found after {elapsed:.1f} s (heartbeat 2 s, op timeout 60 s)"
-    assert len({r for _, _, r in survivors}) == 1
+    # At least one survivor found the silence itself (the other may have been told).
+    assert any("nothing came from it for" in text for *_, text in survivors), survivors
+    assert len({r for _, _, r, _ in survivors}) == 1
 
 
 # ---- shrink ------------------------------------------------------------------
@@ -292,3 +307,78 @@ def test_a_restarted_rank_rejoins_through_grow_and_join():
     results = run_ranks(_rejoin, 4, timeout=110, allow_failures=True)
     assert "exited with code 3" in results[2]
     assert results[0] == results[1] == results[3], results
+
+
+def _grow_without_newcomer(rank: int, size: int) -> float:
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=4)
+    comm.barrier()
+    t0 = time.monotonic()
+    with pytest.raises(hetcomm.CommTimeoutError, match="did not join"):
+        comm.grow(size + 1)  # nobody calls join
+    elapsed = time.monotonic() - t0
+    # The members go on at the old size, over the same links.
+    x = np.full(1000, rank + 1.0, np.float32)
+    comm.allreduce(x)
+    assert (x == size * (size + 1) / 2).all()
+    comm.close()
+    return elapsed
+
+
+@pytest.mark.timeout(60)
+def test_a_grow_whose_newcomer_never_comes_leaves_the_members_working():
+    for elapsed in run_ranks(_grow_without_newcomer, 2, timeout=50):
+        assert elapsed < 20
+
+
+# ---- a cut link on the WAN test bed -----------------------------------------
+
+_CUT_RANK = """
+import json, os, signal, time
+import numpy as np
+import hetcomm
+
+rank = int(os.environ["RANK"])
+comm = hetcomm.Communicator(timeout=60, options=hetcomm.Options(heartbeat=2.0))
+comm.barrier()
+print("ready", flush=True)
+if rank == 2:
+    signal.pause()  # stays up; the test cuts its link
+t0 = time.monotonic()
+try:
+    while True:
+        comm.allreduce(np.ones(10_000, np.float32))
+except hetcomm.PeerLostError as exc:
+    found, text, failed = time.monotonic() - t0, str(exc), exc.failed_ranks
+new = comm.shrink(failed)
+x = np.full(10_000, new.rank + 1.0, np.float32)
+new.allreduce(x)
+print(json.dumps({"found": found, "text": text, "failed": failed, "ok": bool((x == 3.0).all())}), flush=True)
+new.close()
+comm.close()
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_cut_wan_link_is_found_by_heartbeat():
+    import subprocess
+    import sys
+
+    from hetcomm.testbed import netns
+
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(f"WAN test bed unavailable: {why}")
+    with netns.WanTestbed(sites=3, ranks_per_site=1, wan_rate=None, prefix="hcft") as tb:
+        procs = tb.spawn_ranks([sys.executable, "-c", _CUT_RANK], stdout=subprocess.PIPE, text=True)
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        # Rank 2's site loses its WAN link: nothing closes, everything goes silent.
+        subprocess.run(["ip", "-n", tb.site_netns(2), "link", "set", tb.site_ifname(2), "down"], check=True)
+        results = [json.loads(procs[r].communicate(timeout=60)[0].strip().splitlines()[-1]) for r in (0, 1)]
+    for r in results:
+        assert r["failed"] == [2] and r["ok"], r
+        assert r["found"] < 10, r  # heartbeat 2 s; the op timeout is 60 s
+    assert any("nothing came from it for" in r["text"] for r in results), results

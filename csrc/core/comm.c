@@ -253,8 +253,11 @@ int hc_comm_connect(hc_comm *c) {
         rc = c->items ? hc_progress_handshake(c) : HC_ERR_NO_MEMORY;
     }
     if (rc != HC_OK) {
-        /* Leave it unusable but destroyable; the error is in hc_last_error(). */
-        hc_tp_close_peers(c, 0);
+        /* Leave it unusable but destroyable; the error is in hc_last_error().
+         * A grown communicator keeps its members' links, so that it can be
+         * shrunk back to them (hc_comm_shrink excluding the newcomers). */
+        for (int r = 0; r < c->size; r++)
+            if (r != c->rank && !c->peers[r].inherited) hc_tp_close_peer(c, &c->peers[r]);
         return rc;
     }
     for (int r = 0; r < c->size; r++) {

@@ -90,19 +90,18 @@ static int peer_differs(const hc_comm *c, const exchange *x, int r) {
 
 static int exchange_done(hc_comm *c, void *arg) {
     exchange *x = arg;
-    if (c->excluded) return 1;
-    int all = 1;
-    for (int r = 0; r < c->size; r++) {
-        if (r == c->rank || c->failed[r] || c->peers[r].left) {
-            if (r != c->rank && hc_bit(x->keep, r)) return 1; /* a kept rank is gone: fail now */
-            continue;
-        }
-        if (peer_differs(c, x, r)) {
+    for (int r = 0; r < c->size; r++) /* a mismatch says more than a rank that left over it */
+        if (r != c->rank && !c->failed[r] && peer_differs(c, x, r)) {
             x->mismatch = r;
             return 1;
         }
+    if (c->excluded) return 1;
+    int all = 1;
+    for (int r = 0; r < c->size; r++) {
+        if (r == c->rank || !hc_bit(x->keep, r)) continue;
         const hc_peer *p = &c->peers[r];
-        if (hc_bit(x->keep, r) && (!p->reshape_seen || p->reshape_id != x->id)) all = 0;
+        if (c->failed[r] || p->left) return 1; /* a kept rank is gone: fail now */
+        if (!p->reshape_seen || p->reshape_id != x->id) all = 0;
     }
     return all;
 }
@@ -120,7 +119,7 @@ static const char *rank_list(const hc_comm *c, const uint8_t *keep, int kept, ch
 
 /* Tells every live peer which communicator this rank becomes and waits until
  * each kept peer announced the same one. Engine held. */
-static int agree_on_reshape(hc_comm *c, const char *what, const uint8_t *keep, uint64_t id, int size) {
+static int exchange_reshape(hc_comm *c, const char *what, const uint8_t *keep, uint64_t id, int size) {
     size_t bytes = hc_bitmap_bytes(c->size);
     c->next_comm_id = id;
     hc_wire_header h;
@@ -133,6 +132,15 @@ static int agree_on_reshape(hc_comm *c, const char *what, const uint8_t *keep, u
     int64_t deadline = hc_now_ns() + (int64_t)c->cfg.timeout_ms * 1000000;
     int rc = hc_progress_until(c, exchange_done, &x, deadline);
     char mine[256], theirs[256], who[160];
+    if (x.mismatch >= 0) {
+        const hc_peer *p = &c->peers[x.mismatch];
+        hc_set_last_error("%s: rank %d: %s differs across ranks: this rank excludes %s (new size %d) but %s "
+                          "excludes %s (new size %d)",
+                          c->name, c->rank, what, rank_list(c, keep, 0, mine, sizeof mine), size,
+                          hc_peer_desc(c, x.mismatch, who, sizeof who),
+                          rank_list(c, p->reshape_keep, 0, theirs, sizeof theirs), p->reshape_size);
+        return HC_ERR_MISMATCH;
+    }
     if (c->excluded) {
         hc_set_last_error("%s: rank %d: %s: the other ranks hold this rank failed and go on without it", c->name,
                           c->rank, what);
@@ -146,17 +154,6 @@ static int agree_on_reshape(hc_comm *c, const char *what, const uint8_t *keep, u
                               c->failed[r] ? "failed" : "it destroyed its communicator");
             return HC_ERR_PEER_LOST;
         }
-    if (x.mismatch >= 0) {
-        const hc_peer *p = &c->peers[x.mismatch];
-        hc_set_last_error("%s: rank %d: %s differs across ranks: this rank excludes %s (new size %d) but %s "
-                          "excludes %s (new size %d)",
-                          c->name, c->rank, what, rank_list(c, keep, 0, mine, sizeof mine), size,
-                          hc_peer_desc(c, x.mismatch, who, sizeof who),
-                          rank_list(c, p->reshape_keep, 0, theirs, sizeof theirs), p->reshape_size);
-        /* Let the others fail now too, not at their timeout. */
-        c->reshape_tried = id;
-        return HC_ERR_MISMATCH;
-    }
     if (rc != HC_OK) {
         size_t n = 0;
         mine[0] = 0;
@@ -165,10 +162,17 @@ static int agree_on_reshape(hc_comm *c, const char *what, const uint8_t *keep, u
                 n += (size_t)snprintf(mine + n, sizeof mine - n, "%s%d", n ? ", " : "", r);
         hc_set_last_error("%s: rank %d: %s: rank(s) %s did not join it within %d ms", c->name, c->rank, what, mine,
                           c->cfg.timeout_ms);
-        c->reshape_tried = id;
         return rc == HC_ERR_INTERRUPTED ? rc : HC_ERR_TIMEOUT;
     }
     return HC_OK;
+}
+
+/* Tells every live peer which communicator this rank becomes and waits until
+ * each kept peer announced the same one. Engine held. */
+static int agree_on_reshape(hc_comm *c, const char *what, const uint8_t *keep, uint64_t id, int size) {
+    int rc = exchange_reshape(c, what, keep, id, size);
+    if (rc != HC_OK) c->reshape_tried = id; /* a retry must not take the peers' RESHAPEs of this one as current */
+    return rc;
 }
 
 static char *dup_str(const char *s) { return strdup(s ? s : ""); }
@@ -290,12 +294,19 @@ static int start(hc_comm *n) {
     return HC_OK;
 }
 
+/* Grown, but its newcomers never connected: its members' links still work. */
+static int grown_unconnected(const hc_comm *c) {
+    for (int r = 0; r < c->size; r++)
+        if (r != c->rank && c->peers[r].inherited) return !c->connected;
+    return 0;
+}
+
 static int check_reshapable(hc_comm *c, const char *fn) {
     if (!c) {
         hc_set_last_error("%s: comm is NULL", fn);
         return HC_ERR_INVALID_ARGUMENT;
     }
-    if (!c->connected || c->reshaped || c->quiesced) {
+    if ((!c->connected && !grown_unconnected(c)) || c->reshaped || c->quiesced) {
         hc_set_last_error("%s: communicator '%s' %s", fn, c->name,
                           !c->connected ? "is not connected"
                           : c->reshaped ? "was already shrunk or grown into another one"
@@ -329,6 +340,13 @@ int hc_comm_shrink(hc_comm *c, const int *exclude, int nexclude, int flags, hc_c
         }
         keep[r / 8] &= (uint8_t)~(1u << (r % 8));
     }
+    for (int r = 0; !c->connected && r < c->size; r++)
+        if (r != c->rank && !c->peers[r].inherited && hc_bit(keep, r)) {
+            hc_set_last_error("hc_comm_shrink: rank %d: communicator '%s' never connected to rank %d (a newcomer "
+                              "of a grow that failed): exclude every newcomer to go back to the members",
+                              c->rank, c->name, r);
+            return HC_ERR_STATE;
+        }
     int size = c->size - nexclude, rank = 0, old_of[c->size];
     for (int r = 0, i = 0; r < c->size; r++)
         if (hc_bit(keep, r)) {
