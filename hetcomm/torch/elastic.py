@@ -115,10 +115,6 @@ def _rendezvous_prefix(comm_name: str) -> str:
     return f"hetcomm/{comm_name}"
 
 
-def _timedelta(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)
-
-
 def grow_if_pending(store: Any, group: Any = None, *, name: str = "world", wait_for: int = 0,
                     timeout: float | None = None) -> Any | None:
     """At a step boundary, on every member: admits the ranks waiting in :func:`join_group`.
@@ -148,7 +144,7 @@ def grow_if_pending(store: Any, group: Any = None, *, name: str = "world", wait_
         admitted = store.add(f"{base}/admitted", 0)
         if wait_for > 0:
             seconds = timeout if timeout is not None else backend.timeout.total_seconds()
-            store.wait([f"{base}/request/{admitted + wait_for}"], _timedelta(seconds))
+            store.wait([f"{base}/request/{admitted + wait_for}"], timedelta(seconds=seconds))
         news[0] = store.add(f"{base}/requests", 0) - admitted
         news[1] = admitted
     dist.broadcast(news, group_src=0, group=pg)
@@ -220,7 +216,7 @@ def join_group(store: Any, *, name: str = "world", options: ProcessGroupOptions 
     store.set(f"{base}/request/{ticket}", socket.gethostname())  # what grow_if_pending(wait_for=) waits on
     key = f"{base}/ticket/{ticket}"
     log.info("job %r: join request %d sent, waiting to be admitted", name, ticket)
-    store.wait([key], _timedelta(timeout))
+    store.wait([key], timedelta(seconds=timeout))
     admission = json.loads(store.get(key))
     own = dataclasses.asdict(options) if options is not None else {}
     merged = {**admission["settings"], **{k: v for k, v in own.items() if k in _PER_PROCESS}}
