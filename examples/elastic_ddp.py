@@ -334,6 +334,26 @@ def figures(run: dict, args: argparse.Namespace) -> dict:
             "survivors": survivors}
 
 
+def replay(run: dict, args: argparse.Namespace) -> float:
+    """The same training in one process: each step on exactly the samples of the
+    workers that took part in it (from the events); returns its final eval loss."""
+    import torch
+
+    members: dict[int, set[int]] = {}
+    for e in run["events"]:
+        if e["ev"] == "step":
+            members.setdefault(e["step"], set()).add(e["worker"])
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    for step in range(args.steps):
+        xs, ys = zip(*(batch(w, step) for w in sorted(members[step])))
+        opt.zero_grad()
+        # Equal batches: the mean over all of them is DDP's average of the ranks' means.
+        torch.nn.functional.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).backward()
+        opt.step()
+    return eval_loss(model)
+
+
 def check(run: dict, args: argparse.Namespace) -> list[str]:
     """What must hold for a disturbed run; returns the violations."""
     problems = []
@@ -349,6 +369,12 @@ def check(run: dict, args: argparse.Namespace) -> list[str]:
                 problems.append(f"rejoined worker {w} ran steps {e['steps']}")
         elif e["steps"] != list(range(args.steps)):
             problems.append(f"survivor {w} ran steps {e['steps']} (not each of 0..{args.steps - 1} once)")
+    if args.codec == "none":
+        # The elastic run must be the plain mathematics of its schedule (fp32
+        # sums in another order aside).
+        ours, exact = fin[min(fin)]["eval_loss"], replay(run, args)
+        if abs(ours / exact - 1) > 1e-3:
+            problems.append(f"final loss {ours:.6f} differs from a one-process replay of the schedule ({exact:.6f})")
     errs = [e["grad_err"] for e in run["events"] if e["ev"] == "step" and e.get("grad_err") is not None]
     if args.check_grads and max(errs, default=1.0) > 1e-4:
         problems.append(f"a DDP gradient differs from the members' mean gradient by {max(errs):.2e} (relative)")
