@@ -167,6 +167,28 @@ def test_silent_rank_is_found_by_heartbeat_and_the_rest_go_on():
     assert len({r for _, _, r, _ in survivors}) == 1
 
 
+def _idle_cpu(rank: int, size: int) -> float:
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=30, options=hetcomm.Options(heartbeat=0.5))
+    comm.barrier()
+    t0, w0 = os.times(), time.monotonic()
+    time.sleep(3)  # idle on purpose: the worker alone serves heartbeats meanwhile
+    t1 = os.times()
+    busy = (t1.user + t1.system - t0.user - t0.system) / (time.monotonic() - w0)
+    x = np.ones(10, np.float32)
+    comm.allreduce(x)  # nobody was held failed while idle
+    assert (x == size).all()
+    comm.close()
+    return busy
+
+
+@pytest.mark.timeout(60)
+def test_idle_ranks_serve_heartbeats_without_spinning():
+    for busy in run_ranks(_idle_cpu, 3, timeout=50):
+        assert busy < 0.05, f"an idle rank used {busy:.0%} of a core"
+
+
 # ---- shrink ------------------------------------------------------------------
 
 

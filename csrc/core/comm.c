@@ -78,6 +78,42 @@ static void free_comm(hc_comm *c) {
 
 static int valid_key(const char *k) { return k && strlen(k) == 40; }
 
+int hc_comm_alloc(const hc_config *cfg, hc_comm **out) {
+    hc_comm *c = calloc(1, sizeof *c);
+    if (!c) return HC_ERR_NO_MEMORY;
+    c->wake_fd[0] = c->wake_fd[1] = -1;
+    pthread_mutex_init(&c->qmu, NULL);
+    pthread_mutex_init(&c->engine, NULL);
+    memcpy(&c->cfg, cfg, cfg->struct_size < sizeof c->cfg ? cfg->struct_size : sizeof c->cfg);
+    c->rank = cfg->rank;
+    c->size = cfg->size;
+    c->name = dup_or_empty(cfg->name);
+    c->site = dup_or_empty(cfg->site);
+    c->host = dup_or_empty(cfg->host);
+    c->bind_address = dup_or_empty(cfg->bind_address);
+    c->curve_public_key = cfg->curve_enable ? strdup(cfg->curve_public_key) : NULL;
+    c->curve_secret_key = cfg->curve_enable ? strdup(cfg->curve_secret_key) : NULL;
+    c->cfg.name = c->name;
+    c->cfg.site = c->site;
+    c->cfg.host = c->host;
+    c->cfg.bind_address = c->bind_address;
+    c->cfg.curve_public_key = c->curve_public_key;
+    c->cfg.curve_secret_key = c->curve_secret_key;
+    atomic_init(&c->status, HC_OK);
+    c->peers = calloc((size_t)c->size, sizeof *c->peers);
+    c->tx = hc_tx_new();
+    if (!c->peers || !c->tx || pipe(c->wake_fd) != 0 || hc_member_init(c) != HC_OK) {
+        hc_set_last_error("hc_comm_create: out of memory or file descriptors");
+        hc_tx_free(c->tx);
+        free_comm(c);
+        return HC_ERR_NO_MEMORY;
+    }
+    for (int i = 0; i < 2; i++) fcntl(c->wake_fd[i], F_SETFL, fcntl(c->wake_fd[i], F_GETFL) | O_NONBLOCK);
+    for (int r = 0; r < c->size; r++) c->peers[r].rank = r;
+    *out = c;
+    return HC_OK;
+}
+
 int hc_comm_create(const hc_config *cfg, hc_comm **out) {
     if (!out) {
         hc_set_last_error("hc_comm_create: out is NULL");
@@ -108,45 +144,13 @@ int hc_comm_create(const hc_config *cfg, hc_comm **out) {
         hc_set_last_error("hc_comm_create: CURVE is enabled but the key pair is missing or not 40-char Z85");
         return HC_ERR_INVALID_ARGUMENT;
     }
-    hc_comm *c = calloc(1, sizeof *c);
-    if (!c) return HC_ERR_NO_MEMORY;
-    c->wake_fd[0] = c->wake_fd[1] = -1;
-    pthread_mutex_init(&c->qmu, NULL);
-    pthread_mutex_init(&c->engine, NULL);
-    memset(&c->cfg, 0, sizeof c->cfg);
-    memcpy(&c->cfg, cfg, cfg->struct_size < sizeof c->cfg ? cfg->struct_size : sizeof c->cfg);
-    c->rank = cfg->rank;
-    c->size = cfg->size;
-    c->name = dup_or_empty(cfg->name);
-    c->site = dup_or_empty(cfg->site);
-    c->host = dup_or_empty(cfg->host);
-    c->bind_address = dup_or_empty(cfg->bind_address);
-    c->curve_public_key = cfg->curve_enable ? strdup(cfg->curve_public_key) : NULL;
-    c->curve_secret_key = cfg->curve_enable ? strdup(cfg->curve_secret_key) : NULL;
-    c->cfg.name = c->name;
-    c->cfg.site = c->site;
-    c->cfg.host = c->host;
-    c->cfg.bind_address = c->bind_address;
-    c->cfg.curve_public_key = c->curve_public_key;
-    c->cfg.curve_secret_key = c->curve_secret_key;
-    atomic_init(&c->status, HC_OK);
-    c->peers = calloc((size_t)c->size, sizeof *c->peers);
-    c->tx = hc_tx_new();
-    int rc = HC_OK;
-    if (!c->peers || !c->tx || pipe(c->wake_fd) != 0) {
-        hc_set_last_error("hc_comm_create: out of memory or file descriptors");
-        rc = HC_ERR_NO_MEMORY;
-    } else {
-        for (int i = 0; i < 2; i++) fcntl(c->wake_fd[i], F_SETFL, fcntl(c->wake_fd[i], F_GETFL) | O_NONBLOCK);
-        for (int r = 0; r < c->size; r++) c->peers[r].rank = r;
-        rc = hc_member_init(c);
-    }
-    if (rc == HC_OK) {
-        hc_peer *self = &c->peers[c->rank];
-        self->site_name = strdup(c->site);
-        self->host = strdup(c->host);
-        rc = hc_tp_bind(c);
-    }
+    hc_comm *c;
+    int rc = hc_comm_alloc(cfg, &c);
+    if (rc != HC_OK) return rc;
+    hc_peer *self = &c->peers[c->rank];
+    self->site_name = strdup(c->site);
+    self->host = strdup(c->host);
+    rc = hc_tp_bind(c);
     if (rc != HC_OK) {
         hc_tp_close_all(c, 0);
         hc_tx_free(c->tx);

@@ -89,6 +89,16 @@ hc_op *hc_op_new(hc_comm *comm, hc_op_kind kind, const hc_call_opts *opts);
 void hc_op_complete(hc_op *op, int status, const char *error);
 int hc_op_failf(hc_op *op, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* The call of a collective that completed, kept for the last few: a late
+ * message of one of them is then told apart from a mismatch. */
+#define HC_RECENT_OPS 8
+typedef struct hc_call_sig {
+    uint64_t seq;
+    size_t count;
+    hc_op_kind kind;
+    int dtype, redop, root, codec;
+} hc_call_sig;
+
 /* ---- peers and communicators ---- */
 
 typedef struct hc_peer {
@@ -236,6 +246,7 @@ struct hc_comm {
 
     /* reshaping (core/reshape.c): while a shrink or grow hands the links to
      * the next communicator, messages already sent under its id are kept */
+    hc_call_sig recent[HC_RECENT_OPS]; /* by seq % HC_RECENT_OPS (worker only) */
     uint64_t next_comm_id;
     uint64_t reshape_tried; /* id of a reshape that failed here: peers' RESHAPEs for it are stale */
     hc_msg *future_head, *future_tail;
@@ -244,6 +255,9 @@ struct hc_comm {
     struct hc_garbage *garbage; /* rate limit of the "dropped a message" warning */
 };
 
+/* A communicator with its settings (strings copied), queues, pipes and
+ * membership state, but no sockets and no peers' details yet. */
+int hc_comm_alloc(const hc_config *cfg, hc_comm **out);
 /* Numbers the sites and orders the ring (sites kept adjacent). */
 int hc_topology_build(hc_comm *comm);
 /* The /dev/shm name of the lane carrying payloads from src to dst. */
@@ -295,6 +309,8 @@ int hc_xfail(hc_exec *x, int status, const char *fmt, ...) __attribute__((format
 
 /* ---- progress engine (core/progress.c) ---- */
 
+/* Records the call of a collective that completed here. */
+void hc_progress_remember(hc_comm *comm, const hc_op *op);
 /* Checks messages that came early for this op (or stale ones) before it runs. */
 int hc_progress_check_stash(hc_comm *comm, hc_op *op);
 /* Waits for message number `part` of collective `seq` from `src`. */

@@ -99,6 +99,29 @@ struct hc_garbage {
     uint64_t total;
 };
 
+void hc_progress_remember(hc_comm *c, const hc_op *op) {
+    c->recent[op->seq % HC_RECENT_OPS] = (hc_call_sig){op->seq, op->count, op->kind, op->dtype, op->redop, op->root,
+                                                      op->codec};
+}
+
+/* A message of a collective this rank is past. If that collective completed
+ * here under another signature, the ranks called different things (a rank
+ * that only sent, a broadcast root say, could not tell then); otherwise
+ * they issued different numbers of collectives. */
+static int stale(hc_comm *c, hc_op *op, const hc_msg *m) {
+    const hc_call_sig *s = &c->recent[m->h.seq % HC_RECENT_OPS];
+    if (s->seq == m->h.seq) {
+        hc_op done = {.kind = s->kind, .dtype = s->dtype, .redop = s->redop, .root = s->root, .codec = s->codec,
+                      .count = s->count, .seq = s->seq};
+        if (check_signature(c, &done, m) != HC_OK) return hc_op_failf(op, HC_ERR_MISMATCH, "%s", done.error);
+    }
+    char who[160];
+    return hc_op_failf(op, HC_ERR_PROTOCOL,
+                       "%s sent a message of collective #%" PRIu64 " while this rank runs #%" PRIu64
+                       "; the ranks issued different numbers of collectives",
+                       hc_peer_desc(c, m->h.src, who, sizeof who), m->h.seq, op->seq);
+}
+
 static void warn_dropped(hc_comm *c, hc_msg *m, const char *why) {
     if (!c->garbage && !(c->garbage = calloc(1, sizeof *c->garbage))) return;
     struct hc_garbage *g = c->garbage;
@@ -323,12 +346,7 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
                 return HC_OK;
             }
         } else if (w->op && h->seq < cur) {
-            char who[160];
-            int rc = hc_op_failf(w->op, HC_ERR_PROTOCOL,
-                                 "%s sent a message of collective #%" PRIu64
-                                 " while this rank runs #%" PRIu64
-                                 "; the ranks issued different numbers of collectives",
-                                 hc_peer_desc(c, h->src, who, sizeof who), h->seq, cur);
+            int rc = stale(c, w->op, m);
             drop(c, m);
             return rc;
         }
@@ -491,11 +509,7 @@ int hc_progress_check_stash(hc_comm *c, hc_op *op) {
                 int rc = check_signature(c, op, m);
                 if (rc != HC_OK) return rc;
             } else if (m->h.seq < op->seq) {
-                char who[160];
-                return hc_op_failf(op, HC_ERR_PROTOCOL,
-                                   "%s sent a message of collective #%" PRIu64 " but this rank is at #%" PRIu64
-                                   "; the ranks issued different numbers of collectives",
-                                   hc_peer_desc(c, r, who, sizeof who), m->h.seq, op->seq);
+                return stale(c, op, m);
             }
         }
     return HC_OK;

@@ -20,7 +20,6 @@
  * the ring, so an old residual would be added to the wrong sums; they start
  * at zero, as after hc_comm_reset_residual).
  */
-#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -175,42 +174,17 @@ static int agree_on_reshape(hc_comm *c, const char *what, const uint8_t *keep, u
     return rc;
 }
 
-static char *dup_str(const char *s) { return strdup(s ? s : ""); }
-
 /* The new communicator: rank `rank` of `size`, whose rank i was rank
  * old_of[i] of c (-1: a newcomer). Takes c's sockets. Engine of c held. */
 static hc_comm *derive(hc_comm *c, int rank, int size, uint64_t id, uint64_t token, const int *old_of) {
-    hc_comm *n = calloc(1, sizeof *n);
-    if (!n) return NULL;
-    n->cfg = c->cfg;
-    n->rank = n->cfg.rank = rank;
-    n->size = n->cfg.size = size;
-    n->cfg.comm_id = id;
-    n->cfg.session_token = token;
-    n->name = dup_str(c->name);
-    n->site = dup_str(c->site);
-    n->host = dup_str(c->host);
-    n->bind_address = dup_str(c->bind_address);
-    n->curve_public_key = c->curve_public_key ? strdup(c->curve_public_key) : NULL;
-    n->curve_secret_key = c->curve_secret_key ? strdup(c->curve_secret_key) : NULL;
-    n->cfg.name = n->name;
-    n->cfg.site = n->site;
-    n->cfg.host = n->host;
-    n->cfg.bind_address = n->bind_address;
-    n->cfg.curve_public_key = n->curve_public_key;
-    n->cfg.curve_secret_key = n->curve_secret_key;
-    n->wake_fd[0] = n->wake_fd[1] = -1;
-    pthread_mutex_init(&n->qmu, NULL);
-    pthread_mutex_init(&n->engine, NULL);
-    atomic_init(&n->status, HC_OK);
-    n->peers = calloc((size_t)size, sizeof *n->peers);
-    n->tx = hc_tx_new();
-    if (!n->peers || !n->tx || pipe(n->wake_fd) != 0 || hc_member_init(n) != HC_OK) {
-        hc_tx_free(n->tx);
-        n->tx = NULL;
-        return n; /* the caller frees it */
-    }
-    for (int i = 0; i < 2; i++) fcntl(n->wake_fd[i], F_SETFL, fcntl(n->wake_fd[i], F_GETFL) | O_NONBLOCK);
+    hc_config cfg = c->cfg;
+    cfg.struct_size = sizeof cfg;
+    cfg.rank = rank;
+    cfg.size = size;
+    cfg.comm_id = id;
+    cfg.session_token = token;
+    hc_comm *n;
+    if (hc_comm_alloc(&cfg, &n) != HC_OK) return NULL;
     for (int i = 0; i < size; i++) {
         hc_peer *np = &n->peers[i];
         int o = old_of[i];
@@ -221,10 +195,10 @@ static hc_comm *derive(hc_comm *c, int rank, int size, uint64_t id, uint64_t tok
         hc_peer *op = &c->peers[o];
         *np = (hc_peer){0};
         np->rank = i;
-        np->site_name = dup_str(op->site_name);
-        np->host = dup_str(op->host);
+        np->site_name = strdup(op->site_name);
+        np->host = strdup(op->host);
         if (i == rank) continue;
-        np->endpoints = dup_str(op->endpoints);
+        np->endpoints = strdup(op->endpoints);
         np->curve_key = op->curve_key ? strdup(op->curve_key) : NULL;
         memcpy(np->url, op->url, sizeof np->url);
         memcpy(np->ctl_url, op->ctl_url, sizeof np->ctl_url);
@@ -361,7 +335,7 @@ int hc_comm_shrink(hc_comm *c, const int *exclude, int nexclude, int flags, hc_c
     hc_comm *n = NULL;
     if (rc == HC_OK) {
         n = derive(c, rank, size, id, c->cfg.session_token, old_of);
-        if (!n || !n->tx || hc_topology_build(n) != HC_OK) rc = HC_ERR_NO_MEMORY;
+        if (!n || hc_topology_build(n) != HC_OK) rc = HC_ERR_NO_MEMORY;
         if (rc == HC_OK) {
             hc_tp_build_pollset(n);
             if (!n->items) rc = HC_ERR_NO_MEMORY;
@@ -416,7 +390,7 @@ int hc_comm_grow(hc_comm *c, int new_size, uint64_t comm_id, uint64_t session_to
     }
     if (rc == HC_OK) {
         n = derive(c, c->rank, new_size, comm_id, session_token, old_of);
-        if (!n || !n->tx) rc = HC_ERR_NO_MEMORY;
+        if (!n) rc = HC_ERR_NO_MEMORY;
         /* Every member re-announces its WAN estimate at connect, and all take
          * the largest, newcomers included. */
         for (int r = 0; rc == HC_OK && r < c->size; r++) n->peers[r].links_reported = 0;

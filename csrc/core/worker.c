@@ -85,6 +85,8 @@ void hc_run_op(hc_comm *c, hc_op *op) {
         if (!op->error[0]) hc_op_failf(op, status, "%s", hc_status_string(status));
         hc_comm_break(c, status, op->error, status != HC_ERR_ABORTED || atomic_load(&c->abort_requested));
         settle_after_failure(c);
+    } else {
+        hc_progress_remember(c, op);
     }
     hc_op_complete(op, status, NULL);
 }
