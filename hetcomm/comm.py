@@ -180,6 +180,51 @@ def _warn_if_capped(wanted: int) -> None:
                         wanted, name, cap, name, wanted)
 
 
+def connect_peers(handle: Any, rank: int, records: list[dict[str, Any]], ranks: Sequence[int],
+                  own: dict[str, Any], curve: tuple[str, str] | None, allow: set[str]) -> None:
+    """Tells the core where ``ranks`` listen (from their rendezvous records) and connects.
+
+    ``own`` is this rank's record, ``curve`` its (public, secret) keys when
+    CURVE is on, ``allow`` the public keys it trusts from other sites.
+    """
+    untrusted: list[str] = []
+    for r in ranks:
+        peer = records[r]
+        endpoint = peer["endpoint"]
+        if peer["machine"] != own["machine"]:
+            # ipc:// only works between processes that share a kernel.
+            endpoint = ";".join(e for e in endpoint.split(";") if not e.startswith("ipc="))
+        key = ffi.NULL
+        if curve and peer["site"] != own["site"]:
+            from hetcomm.security import check_peer_key
+
+            try:
+                check_peer_key(r, peer.get("curve"), allow)
+            except AuthError as exc:
+                # Connect anyway, so that both sides see the refusal (our
+                # authenticator turns its key away); only greetings, never
+                # data, can cross before the handshake fails.
+                untrusted.append(str(exc))
+            key = (peer.get("curve") or "").encode() or ffi.NULL
+        _native.check(lib.hc_comm_set_peer(handle, r, endpoint.encode(), peer["site"].encode(),
+                                           peer["host"].encode(), key), "hc_comm_set_peer")
+    try:
+        _native.check(lib.hc_comm_connect(handle), "hc_comm_connect")
+    except HetcommError as exc:
+        if untrusted:
+            raise AuthError(f"{'; '.join(untrusted)} ({exc})", "HC_ERR_AUTH") from None
+        if curve and exc.status == "HC_ERR_AUTH":
+            from hetcomm.security import recently_denied
+
+            denied = recently_denied()
+            if denied:
+                raise AuthError(f"{exc} (keys refused here: {', '.join(denied)})", exc.status) from None
+        raise
+    if untrusted:
+        raise AuthError("; ".join(untrusted), "HC_ERR_AUTH")
+    log.debug("rank %d connected to ranks %s", rank, list(ranks))
+
+
 _live: "weakref.WeakSet[Communicator]" = weakref.WeakSet()
 
 
@@ -333,42 +378,7 @@ class Communicator:
 
     def _connect_peers(self, peers: list[dict[str, Any]], ranks: Sequence[int]) -> None:
         """Tells the core where ranks ``ranks`` listen (from their rendezvous records), then connects."""
-        record, allow = self._record, self._allow
-        untrusted: list[str] = []
-        for r in ranks:
-            peer = peers[r]
-            endpoint = peer["endpoint"]
-            if peer["machine"] != record["machine"]:
-                # ipc:// only works between processes that share a kernel.
-                endpoint = ";".join(e for e in endpoint.split(";") if not e.startswith("ipc="))
-            key = ffi.NULL
-            if self._curve and peer["site"] != record["site"]:
-                from hetcomm.security import check_peer_key
-
-                try:
-                    check_peer_key(r, peer.get("curve"), allow)
-                except AuthError as exc:
-                    # Connect anyway, so that both sides see the refusal (our
-                    # authenticator turns its key away); only greetings, never
-                    # data, can cross before the handshake fails.
-                    untrusted.append(str(exc))
-                key = (peer.get("curve") or "").encode() or ffi.NULL
-            _native.check(lib.hc_comm_set_peer(self._handle, r, endpoint.encode(), peer["site"].encode(),
-                                               peer["host"].encode(), key), "hc_comm_set_peer")
-        try:
-            _native.check(lib.hc_comm_connect(self._handle), "hc_comm_connect")
-        except HetcommError as exc:
-            if untrusted:
-                raise AuthError(f"{'; '.join(untrusted)} ({exc})", "HC_ERR_AUTH") from None
-            if self._curve and exc.status == "HC_ERR_AUTH":
-                from hetcomm.security import recently_denied
-
-                denied = recently_denied()
-                if denied:
-                    raise AuthError(f"{exc} (keys refused here: {', '.join(denied)})", exc.status) from None
-            raise
-        if untrusted:
-            raise AuthError("; ".join(untrusted), "HC_ERR_AUTH")
+        connect_peers(self._handle, self.rank, peers, ranks, self._record, self._curve, self._allow)
 
     # ---- lifecycle ------------------------------------------------------
 

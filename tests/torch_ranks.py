@@ -12,7 +12,7 @@ import os
 import socket
 import tempfile
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 
 def free_port() -> int:
@@ -49,10 +49,12 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, env: dict[str, st
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, env: dict[str, str] | None = None,
-              timeout: float = 240.0) -> list[Any]:
+              timeout: float = 240.0, lost: Sequence[int] = ()) -> list[Any]:
     """Runs ``fn(rank, world_size, *args)`` on ``world_size`` processes; returns the results by rank.
 
     MASTER_ADDR/MASTER_PORT are set (env:// works); ``env`` adds variables.
+    Ranks in ``lost`` are expected to die without reporting (their result is
+    None); a report from one of them is an error.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -69,14 +71,16 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, env: dict[str
     results: dict[int, Any] = {}
     errors: list[str] = []
     try:
-        for _ in range(world_size):
+        for _ in range(world_size - len(lost)):
             rank, ok, value = queue.get(timeout=timeout)
-            if ok:
+            if rank in lost:
+                errors.append(f"rank {rank} was to die but reported:\n{value}")
+            elif ok:
                 results[rank] = value
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
     except Exception as exc:  # queue.Empty: some rank hung or died
-        missing = sorted(set(range(world_size)) - set(results))
+        missing = sorted(set(range(world_size)) - set(results) - set(lost))
         errors.append(f"ranks {missing} did not report within {timeout} s ({type(exc).__name__})")
     finally:
         for p in procs:
@@ -87,7 +91,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, env: dict[str
                 p.join()
     if errors:
         raise AssertionError("\n".join(errors))
-    return [results[r] for r in range(world_size)]
+    return [results.get(r) for r in range(world_size)]
 
 
 def temp_file() -> str:

@@ -172,6 +172,11 @@ struct NoGil {
   }
 };
 
+// Whether the core's table has `field` (the table grows at its end; an older
+// core's is shorter).
+#define HC_API_HAS(api, field) \
+  ((api)->struct_size >= offsetof(hc_api, field) + sizeof((api)->field) && (api)->field)
+
 } // namespace
 
 // ---------------------------------------------------------------------------
@@ -301,8 +306,7 @@ void HcBackend::help_progress() {
   if (t_in_core_callback)
     return;
   std::shared_lock<std::shared_mutex> lock(comm_mu_);
-  if (comm_ && api_->struct_size >= offsetof(hc_api, comm_progress) + sizeof(api_->comm_progress) &&
-      api_->comm_progress)
+  if (comm_ && HC_API_HAS(api_, comm_progress))
     api_->comm_progress(comm_);
 }
 
@@ -1137,6 +1141,93 @@ c10d::ErrorType HcBackend::getError() {
   if (status == HC_ERR_PEER_LOST || status == HC_ERR_ABORTED)
     return c10d::ErrorType::REMOTE_ERROR;
   return c10d::ErrorType::COMM_ERROR;
+}
+
+// ---- membership: failed ranks and shrinking -----------------------------------------
+
+bool HcBackend::supportsShrinking() const {
+  return HC_API_HAS(api_, comm_shrink) && HC_API_HAS(api_, comm_failed_ranks);
+}
+
+std::vector<int64_t> HcBackend::failed_ranks(int timeout_ms) {
+  TORCH_CHECK(supportsShrinking(), "hetcomm: this C core does not report failed ranks; rebuild hetcomm");
+  std::vector<int> ranks(static_cast<size_t>(size_));
+  int count = 0;
+  int rc;
+  std::string detail;
+  {
+    std::shared_lock<std::shared_mutex> lock(comm_mu_);
+    if (!comm_)
+      throw_backend_error(c10::str("hetcomm: rank ", rank_, ": process group '", name_, "' was shut down"));
+    NoGil no_gil;  // the wait for the survivors' agreement is served by the worker
+    rc = api_->comm_failed_ranks(comm_, timeout_ms, ranks.data(), size_, &count);
+    if (rc != HC_OK)
+      detail = api_->last_error();
+  }
+  if (rc != HC_OK)
+    throw_backend_error(c10::str("hetcomm: rank ", rank_, ": failed ranks of process group '", name_, "': ", detail));
+  return std::vector<int64_t>(ranks.begin(), ranks.begin() + std::min(count, size_));
+}
+
+c10::intrusive_ptr<c10d::Backend> HcBackend::shrink(
+    const std::vector<int64_t>& ranks_to_exclude,
+    int shrink_flags,
+    const c10::intrusive_ptr<Options>& opts_override) {
+  TORCH_CHECK(supportsShrinking(), "hetcomm: this C core cannot shrink a communicator; rebuild hetcomm");
+  // torch's SHRINK_DEFAULT / SHRINK_ABORT, spelled out rather than assumed
+  // equal to the core's values.
+  int flags;
+  if (shrink_flags == 0)
+    flags = HC_SHRINK_DEFAULT;
+  else if (shrink_flags == 1)
+    flags = HC_SHRINK_ABORT;
+  else
+    TORCH_CHECK(false, "hetcomm: shrink: shrink_flags ", shrink_flags, " is neither SHRINK_DEFAULT (0) nor SHRINK_ABORT (1)");
+  std::vector<int> exclude;
+  for (int64_t r : ranks_to_exclude) {
+    TORCH_CHECK(r >= 0 && r < size_, "hetcomm: shrink: rank ", r, " to exclude is not in [0, ", size_, ")");
+    TORCH_CHECK(r != rank_, "hetcomm: shrink: rank ", r, " cannot exclude itself (excluded ranks do not call shrink)");
+    exclude.push_back(static_cast<int>(r));
+  }
+  hc_comm* out = nullptr;
+  int rc;
+  std::string detail;
+  {
+    std::shared_lock<std::shared_mutex> lock(comm_mu_);
+    if (!comm_)
+      throw_backend_error(c10::str("hetcomm: rank ", rank_, ": process group '", name_, "' was shut down"));
+    // Blocks until the survivors agree; completions of the old group's ops
+    // (which may need the GIL for Python callbacks) run meanwhile.
+    NoGil no_gil;
+    rc = api_->comm_shrink(comm_, exclude.data(), static_cast<int>(exclude.size()), flags, &out);
+    if (rc != HC_OK)
+      detail = api_->last_error();
+  }
+  if (rc != HC_OK)
+    throw_backend_error(c10::str(
+        "hetcomm: rank ", rank_, ": shrinking process group '", name_, "' without ranks [",
+        c10::Join(", ", exclude), "] failed (", api_->status_name(rc), "): ", detail));
+  auto timeout = opts_override ? opts_override->timeout : this->timeout();
+  auto shrunk = HcBackend::create(api_, out, api_->comm_rank(out), api_->comm_size(out), timeout,
+                                  c10::str(name_, "-", exclude.size()));
+  shrunk->set_settings(settings());
+  return shrunk;
+}
+
+std::string HcBackend::settings() const {
+  std::lock_guard<std::mutex> lock(settings_mu_);
+  return settings_;
+}
+
+void HcBackend::set_settings(std::string settings) {
+  std::lock_guard<std::mutex> lock(settings_mu_);
+  settings_ = std::move(settings);
+}
+
+uintptr_t HcBackend::comm_address() const {
+  std::shared_lock<std::shared_mutex> lock(comm_mu_);
+  TORCH_CHECK(comm_, "hetcomm: process group '", name_, "' was shut down");
+  return reinterpret_cast<uintptr_t>(comm_);
 }
 
 void HcBackend::close(bool abort_first) {

@@ -318,6 +318,26 @@ class HcBackend : public c10d::Backend {
   void monitoredBarrier(const c10d::BarrierOptions& opts, bool wait_all_ranks)
       override;
 
+  // Shrinking (torch.distributed.shrink_group): the survivors' new backend
+  // runs on the links the old communicator holds, no new rendezvous.
+  bool supportsShrinking() const override;
+  c10::intrusive_ptr<c10d::Backend> shrink(
+      const std::vector<int64_t>& ranks_to_exclude,
+      int shrink_flags,
+      const c10::intrusive_ptr<Options>& opts_override) override;
+  // The group ranks the survivors agreed are lost, ascending; waits up to
+  // timeout_ms for the agreement (a DistBackendError naming the ranks held
+  // failed so far if it does not come).
+  std::vector<int64_t> failed_ranks(int timeout_ms);
+  // The core communicator's address, borrowed (valid until shutdown/abort):
+  // hetcomm.torch.elastic grows it through the C ABI.
+  uintptr_t comm_address() const;
+  // The Python-side settings the group was made with (JSON, opaque here),
+  // inherited by the groups shrunk from it: what a grown group's newcomers
+  // must adopt.
+  std::string settings() const;
+  void set_settings(std::string settings);
+
   void setSequenceNumberForGroup() override;
   uint64_t getSequenceNumberForGroup() override;
   c10d::ErrorType getError() override;
@@ -377,6 +397,8 @@ class HcBackend : public c10d::Backend {
   std::mutex coalesce_mu_;
   bool coalescing_ = false;
   std::vector<c10::intrusive_ptr<c10d::Work>> coalesced_;
+  mutable std::mutex settings_mu_;
+  std::string settings_;
 };
 
 // ---- the DDP comm hook ----------------------------------------------------------

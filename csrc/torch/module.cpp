@@ -88,6 +88,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("inflight", &HcBackend::inflight, "Core ops issued and not completed yet.")
       .def_property_readonly("timeout", &HcBackend::timeout)
       .def(
+          "failed_ranks",
+          [](HcBackend& self, double timeout_s) {
+            return self.failed_ranks(timeout_s < 0 ? -1 : static_cast<int>(timeout_s * 1000.0));
+          },
+          py::arg("timeout_s"),
+          py::call_guard<py::gil_scoped_release>(),
+          "The group ranks the survivors agreed are lost (waits up to timeout_s for the agreement; "
+          "negative: forever).")
+      .def_property(
+          "settings",
+          &HcBackend::settings,
+          &HcBackend::set_settings,
+          "The hetcomm settings (JSON) the group was made with; groups shrunk from it inherit them.")
+      .def_property_readonly(
+          "comm_address",
+          &HcBackend::comm_address,
+          "Address of the core communicator, borrowed: valid until the backend is shut down.")
+      .def(
           "allreduce_compressed",
           &HcBackend::allreduce_compressed,
           py::arg("tensor"),

@@ -7,8 +7,10 @@ is imported (in either order), so that::
     import torch.distributed as dist
     dist.init_process_group("hetcomm")          # env://, tcp://, file:// or store=
 
-works, as do ``dist.new_group(backend="hetcomm")``, DDP, FSDP2, DeviceMesh
-and functional collectives. Settings go in ``pg_options=ProcessGroupOptions(...)``
+works, as do ``dist.new_group(backend="hetcomm")``, DDP, FSDP2, DeviceMesh,
+functional collectives and ``dist.shrink_group``; :func:`failed_ranks`,
+:func:`shrink_lost`, :func:`grow_if_pending`, :func:`join_group` and
+:func:`broadcast_state` make a job elastic (see docs/elastic.md). Settings go in ``pg_options=ProcessGroupOptions(...)``
 or ``HETCOMM_*`` environment variables.
 
 Importing this package does not import torch; its torch-facing names load on
@@ -20,7 +22,8 @@ from typing import Any
 
 from hetcomm.torch.options import ProcessGroupOptions
 
-__all__ = ["ProcessGroupOptions", "register", "is_registered", "monitored_barrier", "BACKEND_NAME"]
+__all__ = ["ProcessGroupOptions", "register", "is_registered", "monitored_barrier", "BACKEND_NAME", "failed_ranks",
+           "shrink_lost", "grow_if_pending", "join_group", "broadcast_state"]
 
 BACKEND_NAME = "hetcomm"
 
@@ -45,3 +48,18 @@ def monitored_barrier(group: Any = None, timeout: Any = None, wait_all_ranks: bo
     from hetcomm.torch.backend import monitored_barrier as _mb
 
     return _mb(group, timeout, wait_all_ranks)
+
+
+# Elastic training: these import torch, so they load on first use.
+_LAZY = {"failed_ranks": "hetcomm.torch.elastic", "shrink_lost": "hetcomm.torch.elastic",
+         "grow_if_pending": "hetcomm.torch.elastic", "join_group": "hetcomm.torch.elastic",
+         "broadcast_state": "hetcomm.torch.state"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hetcomm.torch' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -13,6 +13,7 @@ import atexit
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -77,6 +78,7 @@ def register() -> None:
         dist.Backend.default_device_backend_map.clear()
         dist.Backend.default_device_backend_map.update(defaults)
         _install_monitored_barrier()
+        _install_shrunk_group_maker()
         _registered = True
         log.debug("registered the %r torch.distributed backend", BACKEND_NAME)
 
@@ -143,12 +145,35 @@ def _comm_name(group_id: str, global_ranks: list[int]) -> str:
     return f"pg{group_id}.{digest}"
 
 
-def _handle_of(communicator: _comm.Communicator) -> Any:
+def handle_of(communicator: _comm.Communicator) -> Any:
     """Takes the connected handle away from a Communicator (the shim owns it now)."""
     handle = communicator._handle
     communicator._handle = ffi.NULL
     _comm._live.discard(communicator)
     return handle
+
+
+def wrap_handle(handle: Any, rank: int, size: int, opts: Options, name: str) -> Any:
+    """The shim's backend, owning ``handle`` (a connected hc_comm, destroyed if this fails).
+
+    The backend keeps ``opts`` as its settings (HetcommBackend.settings),
+    which the groups shrunk from it inherit and newcomers adopt.
+    """
+    global _exit_hook
+    ext = _build.load()
+    try:
+        backend = ext.HetcommBackend(int(ffi.cast("uintptr_t", lib.hc_get_api())),
+                                     int(ffi.cast("uintptr_t", handle)), rank, size, float(opts.timeout), name)
+    except BaseException:
+        lib.hc_comm_destroy(handle)
+        raise
+    backend.settings = json.dumps(dataclasses.asdict(opts))
+    if not _exit_hook:
+        # At exit, close what is still open; groups with ops in flight are
+        # aborted so that their peers hear of it at once.
+        atexit.register(ext.shutdown_all)
+        _exit_hook = True
+    return backend
 
 
 def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
@@ -163,7 +188,6 @@ def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
     Returns:
         The C++ backend (a ``torch._C._distributed_c10d.Backend``).
     """
-    global _exit_hook
     opts = _resolve_options(pg_options, dist_opts.timeout)
     store = dist_opts.store
     bind = _bind_address(opts, store)
@@ -173,20 +197,9 @@ def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
     name = _comm_name(str(dist_opts.group_id), list(dist_opts.global_ranks_in_group))
     # Build (or load) the shim before connecting, so that a slow first build
     # cannot eat into the connect timeout.
-    ext = _build.load()
+    _build.load()
     communicator = _comm.Communicator(rank, size, store=store, name=name, options=opts)
-    handle = _handle_of(communicator)
-    try:
-        backend = ext.HetcommBackend(int(ffi.cast("uintptr_t", lib.hc_get_api())),
-                                     int(ffi.cast("uintptr_t", handle)), rank, size, float(opts.timeout), name)
-    except BaseException:
-        lib.hc_comm_destroy(handle)
-        raise
-    if not _exit_hook:
-        # At exit, close what is still open; groups with ops in flight are
-        # aborted so that their peers hear of it at once.
-        atexit.register(ext.shutdown_all)
-        _exit_hook = True
+    backend = wrap_handle(handle_of(communicator), rank, size, opts, name)
     log.debug("%s: rank %d/%d ready (timeout %.1f s)", name, rank, size, opts.timeout)
     return backend
 
@@ -239,3 +252,50 @@ def _install_monitored_barrier() -> None:
     wrapper._hetcomm_wrapper = True  # type: ignore[attr-defined]
     c10d.monitored_barrier = wrapper
     dist.monitored_barrier = wrapper
+
+
+# ---- process groups over a backend made outside init_process_group ------------------
+
+
+def process_group_over(backend: Any, store: Any, group_name: str, group_desc: str,
+                       bound_device: Any = None) -> Any:
+    """A ProcessGroup running every device type on ``backend`` (a HetcommBackend),
+    as init_process_group builds one for a "hetcomm" group; not registered with torch."""
+    from torch.distributed import distributed_c10d as c10d
+
+    pg = c10d.ProcessGroup(c10d.PrefixStore(f"{group_name}/", store), backend.rank(), backend.size())
+    backend_type = c10d.ProcessGroup.BackendType.CUSTOM
+    for device in c10d.BackendConfig(c10d.Backend(BACKEND_NAME)).get_device_backend_map():
+        pg._register_backend(torch.device(device), backend_type, backend)
+    pg._set_default_backend(backend_type)
+    if bound_device is not None:
+        pg.bound_device_id = bound_device
+    pg._set_group_name(group_name)
+    pg._set_group_desc(group_desc)
+    return pg
+
+
+def _install_shrunk_group_maker() -> None:
+    # torch's shrink_group registers the shrunk backend of any device but
+    # cuda as a gloo backend; DDP (its logger) then takes ours for gloo's and
+    # crashes. Groups shrunk from hetcomm groups are made as init_process_group
+    # makes them instead.
+    from torch.distributed import distributed_c10d as c10d
+
+    original = getattr(c10d, "_create_shrunk_process_group", None)
+    if original is None or getattr(original, "_hetcomm_wrapper", False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(new_backend: Any, remaining_ranks: list[int], metadata: dict, is_default_group: bool) -> Any:
+        if not isinstance(new_backend, _build.load().HetcommBackend):
+            return original(new_backend, remaining_ranks, metadata, is_default_group)
+        desc = "default:shrunken" if is_default_group else f"{metadata['original_group_name']}:shrunk"
+        pg = process_group_over(new_backend, metadata["store"].clone(), metadata["new_group_name"], desc,
+                                metadata.get("bound_device_id"))
+        if metadata.get("backend_config") is not None:
+            c10d._world.pg_backend_config[pg] = metadata["backend_config"]
+        return pg
+
+    wrapper._hetcomm_wrapper = True  # type: ignore[attr-defined]
+    c10d._create_shrunk_process_group = wrapper
