@@ -21,6 +21,16 @@ def _store(rank: int):
     return shared_store(rank)
 
 
+def _die_after_the_others_passed(store, rank: int, size: int, how: str = "exit") -> None:
+    """Exits abruptly once every other rank got past the last collective: its
+    last messages may sit in this process's queues until then."""
+    store.wait([f"passed/{r}" for r in range(size) if r != rank])
+    store.set("victim/died_at", repr(time.time()))
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(3)
+
+
 def _check_collectives(comm, tag: int, codec: str | None = "int8") -> tuple:
     """Every collective on `comm`, checked against numpy; returns digests to compare across ranks."""
     rank, size = comm.rank, comm.size
@@ -62,13 +72,10 @@ def _killed(rank: int, size: int, victim: int, how: str) -> tuple:
     comm = hetcomm.Communicator(rank, size, timeout=60)
     comm.barrier()
     if rank == victim:
-        store.set("victim/pid", str(os.getpid()))
         comm.allreduce(np.ones(10, np.float32))
-        store.set("victim/died_at", repr(time.time()))
-        if how == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        os._exit(3)
+        _die_after_the_others_passed(store, rank, size, how)
     comm.allreduce(np.ones(10, np.float32))
+    store.set(f"passed/{rank}", "1")
     if rank == 1:
         # An idle rank (no op running) still serves the agreement, which the
         # others' failing ops wait for.
@@ -196,9 +203,11 @@ def _shrink_after_failure(rank: int, size: int, victim: int) -> tuple:
     import hetcomm
 
     comm = hetcomm.Communicator(rank, size, timeout=60)
+    store = _store(rank)
     comm.barrier()
     if rank == victim:
-        os._exit(3)
+        _die_after_the_others_passed(store, rank, size)
+    store.set(f"passed/{rank}", "1")
     try:
         for _ in range(1000):
             comm.allreduce(np.ones(50_000, np.float32))
@@ -304,9 +313,11 @@ def _rejoin(rank: int, size: int) -> tuple:
         assert (comm.rank, comm.size) == (2, 3)
     else:
         first = hetcomm.Communicator(rank, 3, timeout=60)
+        store = _store(rank)
         first.barrier()
         if rank == 2:
-            os._exit(3)
+            _die_after_the_others_passed(store, rank, 3)
+        store.set(f"passed/{rank}", "1")
         with pytest.raises(hetcomm.PeerLostError) as info:
             first.allreduce(np.ones(1 << 18, np.float32))
         small = first.shrink(info.value.failed_ranks)

@@ -19,8 +19,10 @@
 
 #include "core/internal.h"
 
-/* After a peer's connection drops, messages it sent before exiting may still
- * be in flight on its other connection; wait this long for them. */
+/* After a peer closed its communicator on purpose (a goodbye, then its
+ * connection dropped), messages it sent before may still be in flight on its
+ * other connections; a wait on it allows this long for them. A peer that
+ * drops without a goodbye is failed by the membership instead. */
 #define HC_GONE_GRACE_MS 2000
 
 hc_msg *hc_msg_alloc(hc_comm *c) {
