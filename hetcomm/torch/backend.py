@@ -27,6 +27,8 @@ from hetcomm import rendezvous
 from hetcomm._capi import ffi, lib
 from hetcomm.config import Options, env_str
 from hetcomm.torch import _build
+from hetcomm.torch.intra import attach as attach_intra
+from hetcomm.torch.intra import intra_backend, site_layout
 from hetcomm.torch.options import ProcessGroupOptions
 
 log = logging.getLogger("hetcomm.torch")
@@ -151,6 +153,18 @@ def _handle_of(communicator: _comm.Communicator) -> Any:
     return handle
 
 
+def wrap(ext: Any, communicator: _comm.Communicator, name: str, timeout: float) -> Any:
+    """The C++ backend around a connected Communicator's handle (the backend owns it from then on)."""
+    rank, size = communicator.rank, communicator.size
+    handle = _handle_of(communicator)
+    try:
+        return ext.HetcommBackend(int(ffi.cast("uintptr_t", lib.hc_get_api())), int(ffi.cast("uintptr_t", handle)),
+                                  rank, size, timeout, name)
+    except BaseException:
+        lib.hc_comm_destroy(handle)
+        raise
+
+
 def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
     """The creator torch.distributed calls for each hetcomm process group.
 
@@ -174,14 +188,16 @@ def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
     # Build (or load) the shim before connecting, so that a slow first build
     # cannot eat into the connect timeout.
     ext = _build.load()
+    intra = intra_backend(opts)
     communicator = _comm.Communicator(rank, size, store=store, name=name, options=opts)
-    handle = _handle_of(communicator)
-    try:
-        backend = ext.HetcommBackend(int(ffi.cast("uintptr_t", lib.hc_get_api())),
-                                     int(ffi.cast("uintptr_t", handle)), rank, size, float(opts.timeout), name)
-    except BaseException:
-        lib.hc_comm_destroy(handle)
-        raise
+    layout = site_layout(communicator) if intra != "hetcomm" else None
+    backend = wrap(ext, communicator, name, float(opts.timeout))
+    if layout is not None:
+        try:
+            attach_intra(backend, ext, store, name, opts, intra, layout)
+        except BaseException:
+            backend.abort()
+            raise
     if not _exit_hook:
         # At exit, close what is still open; groups with ops in flight are
         # aborted so that their peers hear of it at once.
