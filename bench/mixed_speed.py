@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-share", type=float, default=0.5, help="CPU quota of a fast rank, in cores")
     ap.add_argument("--slow-ratio", type=float, default=0.5, help="a slow rank's quota over a fast rank's")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--global-batch", type=int, default=384)
+    ap.add_argument("--global-batch", type=int, default=768)
     ap.add_argument("--dims", default="256,512,512,64", help="MLP layer widths")
     ap.add_argument("--interval", type=int, default=5, help="balancer: steps between measurements")
     ap.add_argument("--timeout", type=float, default=900.0)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ws = 4
     cfg = {"steps": args.steps, "global_batch": args.global_batch, "dims": [int(d) for d in args.dims.split(",")],
-           "lr": 0.05, "interval": args.interval, "warmup": 1, "bucket_mb": 25}
+           "lr": 0.05, "interval": args.interval, "warmup": 1, "bucket_mb": 0.5}
     shares = [args.fast_share] * (ws // 2) + [args.fast_share * args.slow_ratio] * (ws // 2)
     quotas = [CpuQuota(f"hetcomm-mixed-{os.getpid()}-r{r}", s) for r, s in enumerate(shares)]
     try:

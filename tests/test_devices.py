@@ -190,7 +190,12 @@ def _staging(rank: int, ws: int) -> dict:
     dist.init_process_group("hetcomm")
     shim = _build.load()
     ts = [torch.full((1000 + 10 * i,), float(rank + i)).to(dev) for i in range(8)]
-    dist.all_reduce_coalesced(ts)  # warm-up: the staging pool fills
+    # Warm-up: two calls in flight at once leave two blocks in the staging
+    # pool, what a loop needs in steady state (a call finds the previous
+    # call's block still fenced by its copies back, the one before free).
+    works = [dist.all_reduce_coalesced(ts, async_op=True) for _ in range(2)]
+    for w in works:
+        w.wait()
     privateuse1.synchronize()
     privateuse1.reset_counters()
     before = shim.staging_stats()
@@ -199,7 +204,7 @@ def _staging(rank: int, ws: int) -> dict:
         dist.all_reduce_coalesced(ts)
     counters = privateuse1.counters()  # before the checks' own copies
     for i, t in enumerate(ts):
-        expect = float(sum(r + i for r in range(ws))) * ws ** calls
+        expect = float(sum(r + i for r in range(ws))) * ws ** (calls + 2)
         _check(t, torch.full((1000 + 10 * i,), expect), dev, f"tensor {i}")
     after = shim.staging_stats()
     return {"counters": counters, "allocations": after["allocations"] - before["allocations"],

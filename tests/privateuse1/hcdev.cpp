@@ -76,6 +76,10 @@ class Queue {
     std::lock_guard<std::mutex> g(mu_);
     return done_ == queued_;
   }
+  std::pair<uint64_t, uint64_t> state() {
+    std::lock_guard<std::mutex> g(mu_);
+    return {queued_, done_};
+  }
 
  private:
   void run() {
@@ -88,6 +92,9 @@ class Queue {
       jobs_.pop_front();
       g.unlock();
       fn();
+      // The job's tensors are released before it counts as done (a waiter
+      // may hold the GIL that freeing a Python-owned tensor needs).
+      fn = nullptr;
       g.lock();
       ++done_;
       cv_.notify_all();
@@ -117,6 +124,8 @@ thread_local c10::StreamId t_current = 0;
 std::atomic<int> g_next_pool{0};
 
 // An event: versions recorded (enqueued) and reached (run by the stream).
+// Jobs hold it by shared pointer: a stream may wait on an event whose
+// c10::Event is already gone (as cudaStreamWaitEvent allows).
 struct Event {
   std::mutex mu;
   std::condition_variable cv;
@@ -126,6 +135,12 @@ struct Event {
     cv.wait(g, [&] { return reached >= v; });
   }
 };
+using EventRef = std::shared_ptr<Event>;
+
+// The handle c10 stores in its event_ slot.
+EventRef& ref(void* handle) {
+  return *static_cast<EventRef*>(handle);
+}
 
 struct GuardImpl final : c10::impl::DeviceGuardImplInterface {
   c10::DeviceType type() const override { return kDev; }
@@ -151,8 +166,8 @@ struct GuardImpl final : c10::impl::DeviceGuardImplInterface {
   c10::DeviceIndex deviceCount() const noexcept override { return 1; }
   void record(void** event, const c10::Stream& stream, const c10::DeviceIndex, const c10::EventFlag) const override {
     if (!*event)
-      *event = new Event();
-    auto* e = static_cast<Event*>(*event);
+      *event = new EventRef(std::make_shared<Event>());
+    EventRef e = ref(*event);
     uint64_t v;
     {
       std::lock_guard<std::mutex> g(e->mu);
@@ -168,7 +183,7 @@ struct GuardImpl final : c10::impl::DeviceGuardImplInterface {
   void block(void* event, const c10::Stream& stream) const override {
     if (!event)
       return;
-    auto* e = static_cast<Event*>(event);
+    EventRef e = ref(event);
     uint64_t v;
     {
       std::lock_guard<std::mutex> g(e->mu);
@@ -179,28 +194,18 @@ struct GuardImpl final : c10::impl::DeviceGuardImplInterface {
   bool queryEvent(void* event) const override {
     if (!event)
       return true;
-    auto* e = static_cast<Event*>(event);
+    EventRef& e = ref(event);
     std::lock_guard<std::mutex> g(e->mu);
     return e->reached >= e->recorded;
   }
   void destroyEvent(void* event, const c10::DeviceIndex) const noexcept override {
-    // A stream may still hold a job that touches the event: wait for it.
-    if (!event)
-      return;
-    auto* e = static_cast<Event*>(event);
-    uint64_t v;
-    {
-      std::lock_guard<std::mutex> g(e->mu);
-      v = e->recorded;
-    }
-    e->wait_for(v);
-    delete e;
+    delete static_cast<EventRef*>(event);
   }
   void synchronizeEvent(void* event) const override {
     ++g_event_syncs;
     if (!event)
       return;
-    auto* e = static_cast<Event*>(event);
+    EventRef& e = ref(event);
     uint64_t v;
     {
       std::lock_guard<std::mutex> g(e->mu);
@@ -433,8 +438,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       c->store(0);
   });
   m.def("set_copy_delay_us", [](int64_t us) { hcdev::g_delay_us.store(us); });
-  m.def("synchronize", [] {
-    hcdev::GuardImpl().synchronizeDevice(0);
+  m.def(
+      "synchronize", [] { hcdev::GuardImpl().synchronizeDevice(0); }, py::call_guard<py::gil_scoped_release>());
+  m.def("queue_state", [] {
+    std::vector<std::pair<uint64_t, uint64_t>> out;
+    for (int i = 0; i <= hcdev::kPoolStreams; i++)
+      out.push_back(hcdev::queue(i).state());
+    return out;
   });
   m.def("current_stream_id", [] { return static_cast<int64_t>(hcdev::t_current); });
 }
