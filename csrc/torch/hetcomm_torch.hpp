@@ -18,6 +18,8 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <thread>
 #include <deque>
 #include <functional>
 #include <chrono>
@@ -224,7 +226,7 @@ class HcBackend;
 // Runs the hierarchical allreduce and broadcast with their in-site phases on
 // `site` (this site's group of another c10d backend) and the inter-site phase
 // on `column` (hetcomm, the ranks at this rank's position in every site).
-class SiteSplit : public std::enable_shared_from_this<SiteSplit> {
+class SiteSplit {
  public:
   // site_of / position_of: every rank's site index and position in its site.
   SiteSplit(
@@ -232,23 +234,26 @@ class SiteSplit : public std::enable_shared_from_this<SiteSplit> {
       c10::intrusive_ptr<HcBackend> column,
       std::vector<int> site_of,
       std::vector<int> position_of);
+  ~SiteSplit();
   bool handles_allreduce(const std::vector<at::Tensor>& ts, const c10d::AllreduceOptions& opts) const;
   c10::intrusive_ptr<c10d::Work> allreduce(at::Tensor tensor, const c10d::AllreduceOptions& opts, int rank);
   c10::intrusive_ptr<c10d::Work> broadcast(at::Tensor tensor, int root, int rank);
 
  private:
-  // Calls run one at a time, in issue order, so that every rank issues the
-  // same sequence on both subgroups.
-  void enqueue(std::function<void()> start);
-  void finished();
-  void run_allreduce(const c10::intrusive_ptr<c10d::Work>& work, at::Tensor tensor, c10d::AllreduceOptions opts);
+  // Calls run one at a time on worker_, in issue order, so that every rank
+  // issues the same sequence on both subgroups.
+  void enqueue(std::function<void()> job);
+  void run();
+  void run_allreduce(const at::Tensor& tensor, const c10d::AllreduceOptions& opts);
 
   c10::intrusive_ptr<c10d::Backend> site_;
   c10::intrusive_ptr<HcBackend> column_;
   std::vector<int> site_of_, position_of_;
   std::mutex mu_;
-  bool busy_ = false;
+  std::condition_variable cv_;
+  bool stop_ = false;
   std::deque<std::function<void()>> queued_;
+  std::thread worker_;
 };
 
 // ---- the backend ---------------------------------------------------------------

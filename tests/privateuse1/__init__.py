@@ -35,7 +35,11 @@ def _device_module(ext: Any) -> types.ModuleType:
     mod.manual_seed_all = lambda seed: None  # type: ignore[attr-defined]
     mod.get_rng_state = lambda device=None: torch.get_rng_state()  # type: ignore[attr-defined]
     mod.set_rng_state = lambda state, device=None: None  # type: ignore[attr-defined]
-    mod.current_stream = lambda device=None: torch.Stream(NAME)  # type: ignore[attr-defined]
+    # Streams and events are torch's generic ones over the device guard.
+    mod.Stream = lambda device=None, priority=0: torch.Stream(NAME, priority=priority)  # type: ignore[attr-defined]
+    mod.Event = lambda enable_timing=False, **kw: torch.Event(NAME, enable_timing=enable_timing)  # type: ignore
+    mod.current_stream = lambda device=None: torch.accelerator.current_stream(torch.device(NAME, 0))  # type: ignore
+    mod.stream = lambda s: s  # type: ignore[attr-defined]  # torch.Stream is its own context manager
     return mod
 
 

@@ -294,6 +294,18 @@ struct Hooks final : at::PrivateUse1HooksInterface {
     return g_pinned.count(p) > 0;
   }
   at::Allocator* getPinnedMemoryAllocator() const override { return &g_pinned_alloc; }
+  // Storage.resize_ (FSDP2 frees and regrows parameter storage with it).
+  void resizePrivateUse1Bytes(const c10::Storage& storage, size_t bytes) const override {
+    for (int i = 0; i <= kPoolStreams; i++)
+      queue(i).drain();  // queued copies may still touch the old memory
+    auto* impl = storage.unsafeGetStorageImpl();
+    at::DataPtr fresh = g_device_alloc.allocate(bytes);
+    size_t keep = std::min(bytes, impl->nbytes());
+    if (keep)
+      std::memcpy(fresh.get(), impl->data(), keep);
+    impl->set_data_ptr_noswap(std::move(fresh));
+    impl->set_nbytes(bytes);
+  }
   const at::Generator& getDefaultGenerator(c10::DeviceIndex) const override {
     static auto gen = at::detail::createCPUGenerator();
     return gen;
