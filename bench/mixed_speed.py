@@ -77,7 +77,8 @@ def _train(rank: int, ws: int, cfg: dict, balanced: bool) -> dict:
         dist.all_reduce(total)
         losses.append(total.item() / cfg["global_batch"])
         splits.append(list(balancer.counts) if balanced else [cfg["global_batch"] // ws] * ws)
-    params = [p.detach().clone() for p in model.module.parameters()]
+    # numpy, not tensors: tensors would travel through shared memory that dies with the rank.
+    params = [p.detach().numpy().copy() for p in model.module.parameters()]
     return {"times": times, "losses": losses, "splits": splits, "params": params, "rebalances": balancer.rebalances}
 
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("plain", "balanced"):
         per_rank = [r[name] for r in results]
         step = [max(r["times"][i] for r in per_rank) for i in range(start, cfg["steps"])]
-        diff = max(float((p - q).abs().max()) for p, q in zip(per_rank[0]["params"], reference))
+        diff = max(float(abs(p - q.numpy()).max()) for p, q in zip(per_rank[0]["params"], reference))
         runs.append({"name": name, "step_s": sum(step) / len(step), "max_param_diff_vs_uniform": diff,
                      "final_split": per_rank[0]["splits"][-1], "rebalances": per_rank[0]["rebalances"],
                      "losses": [round(x, 6) for x in per_rank[0]["losses"]]})

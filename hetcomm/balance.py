@@ -23,8 +23,7 @@ global batch whatever the split. A rank's speed is the time from entering
 before it waits for slower peers), so a fast rank does not look slow because
 it waited.
 """
-from __future__ import annotations
-
+# No postponed annotations: DDP checks the hook's annotations at registration.
 import contextlib
 import logging
 import time

@@ -85,7 +85,8 @@ def _balanced(rank: int, ws: int, steps: int, batch: int, speeds: list[list[floa
         # the split is known; the timing path has its own test below.
         per_sample = 1.0 / speeds[min(step * len(speeds) // steps, len(speeds) - 1)][rank]
         balancer.record(per_sample * n, n)
-    return {"splits": splits, "params": [p.detach() for p in model.module.parameters()]}
+    # numpy, not tensors: tensors would travel through shared memory that dies with the rank.
+    return {"splits": splits, "params": [p.detach().numpy().copy() for p in model.module.parameters()]}
 
 
 @pytest.mark.timeout(300)
@@ -101,7 +102,7 @@ def test_balanced_ddp_matches_the_uniform_global_batch_and_follows_drift() -> No
     assert splits[-1] == [10, 10, 40]                   # re-measured after the drift
     for r in results:
         for p, q in zip(r["params"], _uniform(steps, batch)):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(torch.from_numpy(p), q, rtol=1e-5, atol=1e-6)
 
 
 # ---- real speeds: CPU quotas (cgroup v1) ------------------------------------------------------
