@@ -123,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fast-share", type=float, default=0.5, help="CPU quota of a fast rank, in cores")
     ap.add_argument("--slow-ratio", type=float, default=0.5, help="a slow rank's quota over a fast rank's")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--global-batch", type=int, default=768)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--global-batch", type=int, default=16384)
     ap.add_argument("--dims", default="256,512,512,64", help="MLP layer widths")
-    ap.add_argument("--interval", type=int, default=5, help="balancer: steps between measurements")
+    ap.add_argument("--interval", type=int, default=4, help="balancer: steps between measurements")
     ap.add_argument("--timeout", type=float, default=900.0)
     args = ap.parse_args(argv)
 
