@@ -128,26 +128,28 @@ at::Tensor unpack_target(Staging& st, HcWork& work, const std::vector<at::Tensor
   return flat;
 }
 
-// One flat host buffer holding `ts` in order. Waits for device copies.
+// One flat host buffer holding `ts` in order, each device tensor copied
+// straight into its place. Waits for device copies.
 at::Tensor pack(Staging& st, const std::vector<at::Tensor>& ts) {
   if (auto run = adjacent_run(ts)) {
     st.wait_inputs();
     return *run;
   }
-  std::vector<at::Tensor> hs;
   int64_t total = 0;
+  at::Device like(at::kCPU);
   for (const auto& t : ts) {
-    hs.push_back(st.in(t));
     total += t.numel();
+    if (!t.device().is_cpu())
+      like = t.device();
+  }
+  auto flat = st.scratch(total, ts[0].scalar_type(), like);
+  int64_t at_ = 0;
+  for (const auto& t : ts) {
+    if (t.numel())
+      st.fill(flat.narrow(0, at_, t.numel()).view(t.sizes()), t);
+    at_ += t.numel();
   }
   st.wait_inputs();
-  auto flat = st.scratch(total, ts[0].scalar_type(), at::Device(at::kCPU));
-  int64_t at_ = 0;
-  for (const auto& h : hs) {
-    if (h.numel())
-      flat.narrow(0, at_, h.numel()).copy_(h.reshape({-1}));
-    at_ += h.numel();
-  }
   return flat;
 }
 
@@ -339,6 +341,10 @@ void HcBackend::submit(HcWork& work, int timeout_ms, F&& fn) {
 
 c10::intrusive_ptr<c10d::Work> HcBackend::launched(const c10::intrusive_ptr<HcWork>& w) {
   w->issued();
+  return remember(w);
+}
+
+c10::intrusive_ptr<c10d::Work> HcBackend::remember(const c10::intrusive_ptr<c10d::Work>& w) {
   std::lock_guard<std::mutex> lock(coalesce_mu_);
   if (coalescing_)
     coalesced_.push_back(w);
@@ -354,6 +360,8 @@ c10::intrusive_ptr<c10d::Work> HcBackend::broadcast(
   check_root(opts.rootRank, "broadcast");
   TORCH_CHECK(opts.rootTensor == 0, "hetcomm: broadcast: rootTensor must be 0 (one tensor per process)");
   int root = static_cast<int>(opts.rootRank);
+  if (sites_)
+    return remember(sites_->broadcast(t, root, rank_));
   Wire w = wire_for_copy(t.scalar_type());
   auto work = make_work(c10d::OpType::BROADCAST, "hetcomm:broadcast", tensors, tensors, true, "broadcast");
   Staging st(*work);
@@ -372,6 +380,8 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allreduce(
   TORCH_CHECK(!opts.sparseIndices.has_value(), "hetcomm: allreduce: sparse tensors are not supported");
   int redop = redop_of(opts.reduceOp, "allreduce");
   Wire w = wire_for_reduce(t.scalar_type(), redop, "allreduce");
+  if (sites_ && sites_->handles_allreduce(tensors, opts))
+    return remember(sites_->allreduce(t, opts, rank_));
   auto work = make_work(c10d::OpType::ALLREDUCE, "hetcomm:all_reduce", tensors, tensors, true, "allreduce");
   Staging st(*work);
   at::Tensor h = st.inout(t);

@@ -18,6 +18,9 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <thread>
+#include <deque>
 #include <functional>
 #include <chrono>
 #include <memory>
@@ -91,6 +94,9 @@ class HcWork : public c10d::Work {
   void keep(at::Tensor t);
   // After the core is done: dst.copy_(src). src is a host tensor.
   void copy_back(at::Tensor dst, at::Tensor src);
+  // A staging-pool block used by this Work: returned to the pool at
+  // completion, fenced by the copies back.
+  void lend(at::Tensor block, const c10::Device& device);
   // One more core op: returns the user pointer for hc_call_opts (an owning
   // reference to this Work that on_done takes back).
   void* add_op();
@@ -136,7 +142,11 @@ class HcWork : public c10d::Work {
     c10::Device device;
     c10::Stream side;
     c10::Event issued_at;
-    c10::Event copied;
+    std::shared_ptr<c10::Event> copied;
+  };
+  struct Lease {
+    at::Tensor block;
+    c10::Device device;
   };
 
   void arrive();
@@ -148,6 +158,7 @@ class HcWork : public c10d::Work {
   std::vector<at::Tensor> keep_;         // released at completion
   std::vector<at::Tensor> keep_staging_;  // host sources of device copies: released with the Work
   std::vector<CopyBack> copies_;
+  std::vector<Lease> leases_;
   std::vector<std::unique_ptr<DeviceSync>> devices_;
   std::atomic<int> pending_{1};  // the issuer's token + one per op/child
   int issued_count_ = 0;
@@ -163,8 +174,36 @@ class HcWork : public c10d::Work {
 
 // ---- staging ------------------------------------------------------------------
 
-// Collects the host buffers of one c10d call, then waits once for all
-// device-to-host copies before anything is handed to the core.
+// Host buffers for staging, reused across calls. A block goes back with the
+// events of the asynchronous copies that still read it and is lent again
+// only once they have run.
+class HostPool {
+ public:
+  struct Stats {
+    int64_t allocations, reuses, free_bytes;
+  };
+  static HostPool& instance();
+  // A uint8 block of at least `bytes` for data headed to or from `device`.
+  at::Tensor take(int64_t bytes, const c10::Device& device);
+  void give(at::Tensor block, const c10::Device& device, std::vector<std::shared_ptr<c10::Event>> fences);
+  Stats stats();
+  // Frees every block not lent out.
+  void clear();
+
+ private:
+  struct Free {
+    at::Tensor block;
+    c10::DeviceType device_type;
+    bool pinned;
+    std::vector<std::shared_ptr<c10::Event>> fences;
+  };
+  std::mutex mu_;
+  std::deque<Free> free_;
+  int64_t free_bytes_ = 0, allocations_ = 0, reuses_ = 0;
+};
+
+// Collects the host buffers of one c10d call, then waits once per device for
+// all device-to-host copies before anything is handed to the core.
 class Staging {
  public:
   explicit Staging(HcWork& work) : work_(work) {}
@@ -175,22 +214,57 @@ class Staging {
   at::Tensor out(const at::Tensor& t);
   // Both: the core reads and writes it in place.
   at::Tensor inout(const at::Tensor& t);
-  // A fresh contiguous host buffer of `numel` elements of `type`, kept alive
-  // until completion (pinned when `like` lives on an accelerator).
+  // A contiguous host buffer of `numel` elements of `type` from the pool,
+  // lent to the Work until completion (pinned when `like` is an accelerator).
   at::Tensor scratch(int64_t numel, at::ScalarType type, const at::Device& like);
-  // Blocks until every device-to-host copy issued by in()/inout() is done.
+  // Copies t into the host tensor `dst` (same shape): asynchronously on
+  // t's device when t lives on one, waited for by wait_inputs().
+  void fill(const at::Tensor& dst, const at::Tensor& t);
+  // Blocks until every device-to-host copy issued by in()/inout()/fill() is done.
   void wait_inputs();
 
  private:
+  at::Tensor host(at::IntArrayRef sizes, at::ScalarType type, const c10::Device& like);
   HcWork& work_;
-  std::vector<c10::Event> d2h_;
+  std::vector<c10::Device> d2h_devices_;
 };
 
-// A host tensor shaped like t, pinned when t lives on an accelerator whose
-// allocator can pin (falls back to pageable memory otherwise).
-at::Tensor host_empty_like(const at::Tensor& t);
-// A contiguous host tensor for data headed to or from `device`.
-at::Tensor host_empty(at::IntArrayRef sizes, at::ScalarType dtype, const c10::Device& device);
+// ---- the in-site phases on another library (sites.cpp) --------------------------
+
+class HcBackend;
+
+// Runs the hierarchical allreduce and broadcast with their in-site phases on
+// `site` (this site's group of another c10d backend) and the inter-site phase
+// on `column` (hetcomm, the ranks at this rank's position in every site).
+class SiteSplit {
+ public:
+  // site_of / position_of: every rank's site index and position in its site.
+  SiteSplit(
+      c10::intrusive_ptr<c10d::Backend> site,
+      c10::intrusive_ptr<HcBackend> column,
+      std::vector<int> site_of,
+      std::vector<int> position_of);
+  ~SiteSplit();
+  bool handles_allreduce(const std::vector<at::Tensor>& ts, const c10d::AllreduceOptions& opts) const;
+  c10::intrusive_ptr<c10d::Work> allreduce(at::Tensor tensor, const c10d::AllreduceOptions& opts, int rank);
+  c10::intrusive_ptr<c10d::Work> broadcast(at::Tensor tensor, int root, int rank);
+
+ private:
+  // Calls run one at a time on worker_, in issue order, so that every rank
+  // issues the same sequence on both subgroups.
+  void enqueue(std::function<void()> job);
+  void run();
+  void run_allreduce(const at::Tensor& tensor, const c10d::AllreduceOptions& opts);
+
+  c10::intrusive_ptr<c10d::Backend> site_;
+  c10::intrusive_ptr<HcBackend> column_;
+  std::vector<int> site_of_, position_of_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::deque<std::function<void()>> queued_;
+  std::thread worker_;
+};
 
 // ---- the backend ---------------------------------------------------------------
 
@@ -358,6 +432,15 @@ class HcBackend : public c10d::Backend {
     return name_;
   }
 
+  // From now on, allreduce and broadcast run their in-site phases on another
+  // library (HETCOMM_INTRA); see SiteSplit.
+  void set_site_split(std::shared_ptr<SiteSplit> split) {
+    sites_ = std::move(split);
+  }
+  bool has_site_split() const {
+    return sites_ != nullptr;
+  }
+
   // Closes every live backend in this process (the interpreter is exiting):
   // aborts those with ops in flight, so that peers hear of it at once.
   static void shutdown_all();
@@ -382,6 +465,8 @@ class HcBackend : public c10d::Backend {
   c10::intrusive_ptr<HcWork> p2p(bool is_send, const at::Tensor& t, int peer, int tag, int timeout_ms);
   // Finishes issuing: coalescing bookkeeping, returns the Work.
   c10::intrusive_ptr<c10d::Work> launched(const c10::intrusive_ptr<HcWork>& w);
+  // Adds a Work to the coalesced group being collected, if any.
+  c10::intrusive_ptr<c10d::Work> remember(const c10::intrusive_ptr<c10d::Work>& w);
   void check_root(int64_t root, const char* what) const;
   void help_progress();
   void close(bool abort_first);
@@ -399,6 +484,7 @@ class HcBackend : public c10d::Backend {
   std::vector<c10::intrusive_ptr<c10d::Work>> coalesced_;
   mutable std::mutex settings_mu_;
   std::string settings_;
+  std::shared_ptr<SiteSplit> sites_;
 };
 
 // ---- the DDP comm hook ----------------------------------------------------------

@@ -87,6 +87,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("comm_error", &HcBackend::comm_error, "What broke the communicator, if anything.")
       .def_property_readonly("inflight", &HcBackend::inflight, "Core ops issued and not completed yet.")
       .def_property_readonly("timeout", &HcBackend::timeout)
+      .def_property_readonly(
+          "has_site_split", &HcBackend::has_site_split, "Whether in-site phases run on another library.")
+      .def(
+          "set_site_split",
+          [](HcBackend& self, c10::intrusive_ptr<c10d::Backend> site, NoGilHolder<HcBackend> column,
+             std::vector<int> site_of, std::vector<int> position_of) {
+            self.set_site_split(std::make_shared<hetcomm_torch::SiteSplit>(
+                std::move(site), c10::intrusive_ptr<HcBackend>::reclaim_copy(column.get()), std::move(site_of),
+                std::move(position_of)));
+          },
+          py::arg("site"),
+          py::arg("column"),
+          py::arg("site_of"),
+          py::arg("position_of"),
+          "Runs the in-site phases of allreduce and broadcast on `site` (this site's group of another "
+          "c10d backend) and the inter-site phase on `column` (a hetcomm backend of the ranks at this "
+          "rank's position in every site). site_of/position_of: every rank's site index and position.")
       .def(
           "failed_ranks",
           [](HcBackend& self, double timeout_s) {
@@ -133,6 +150,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("seed"),
       py::arg("key_base"),
       "Registers hetcomm's C++ DDP comm hook (compressed allreduce, no Python per bucket) on a DDP reducer.");
+  m.def(
+      "staging_stats",
+      [] {
+        auto s = hetcomm_torch::HostPool::instance().stats();
+        return py::dict(py::arg("allocations") = s.allocations, py::arg("reuses") = s.reuses,
+                        py::arg("free_bytes") = s.free_bytes);
+      },
+      "The host staging pool: blocks allocated, blocks lent again, bytes held free.");
+  m.def(
+      "staging_clear",
+      [] { hetcomm_torch::HostPool::instance().clear(); },
+      "Frees the staging pool's idle blocks.");
   m.def(
       "shutdown_all",
       &HcBackend::shutdown_all,

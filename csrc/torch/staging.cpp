@@ -2,13 +2,16 @@
  * Host staging of tensor arguments, and the dtype / reduction mapping.
  *
  * The core moves bytes between host buffers. A contiguous CPU tensor is its
- * own host buffer (zero copy). Anything else gets a contiguous host buffer:
- * a non-contiguous CPU tensor a plain one, an accelerator tensor a pinned one
- * (when its allocator can pin) filled by the device's own non-blocking copy
- * on the caller's current stream. The caller waits for those copies once per
- * c10d call, before the core sees the buffer; copies back happen when the op
- * completes (see work.cpp).
+ * own host buffer (zero copy). A non-contiguous CPU tensor gets a contiguous
+ * copy. An accelerator tensor gets a host buffer from the staging pool
+ * (pinned when its allocator can pin) filled by the device's own
+ * non-blocking copy on the caller's current stream; the caller waits for
+ * those copies once per device and c10d call, before the core sees the
+ * buffers. Copies back run when the op completes (see work.cpp), and the
+ * buffers go back to the pool fenced by an event after those copies, so a
+ * training loop stages through the same few blocks step after step.
  */
+#include <algorithm>
 #include <array>
 
 #include <c10/core/DeviceGuard.h>
@@ -133,12 +136,16 @@ int redop_of(const c10d::ReduceOp& op, const char* what) {
   }
 }
 
-at::Tensor host_empty(at::IntArrayRef sizes, at::ScalarType dtype, const c10::Device& device) {
-  auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+namespace {
+
+// Pageable or pinned host memory of `bytes` bytes for data headed to or from
+// `device`: pinned when the device's allocator can pin.
+at::Tensor allocate_host(int64_t bytes, const c10::Device& device) {
+  auto options = at::TensorOptions().dtype(at::kByte).device(at::kCPU);
   auto type = static_cast<size_t>(device.type());
   if (!device.is_cpu() && pin_state[type].load() != 2) {
     try {
-      auto h = at::empty(sizes, options.pinned_memory(true));
+      auto h = at::empty({bytes}, options.pinned_memory(true));
       pin_state[type].store(1);
       return h;
     } catch (const c10::Error& e) {
@@ -152,11 +159,75 @@ at::Tensor host_empty(at::IntArrayRef sizes, at::ScalarType dtype, const c10::De
           ")");
     }
   }
-  return at::empty(sizes, options);
+  return at::empty({bytes}, options);
 }
 
-at::Tensor host_empty_like(const at::Tensor& t) {
-  return host_empty(t.sizes(), t.scalar_type(), t.device());
+// Staging buffers are kept for reuse up to this many bytes in all.
+constexpr int64_t kPoolKeepBytes = int64_t(512) << 20;
+
+// Rounds a request up (powers of two above 64 KiB, 4 KiB steps below) so
+// that the varying sizes of one training loop map to a few reusable blocks.
+int64_t block_size(int64_t bytes) {
+  if (bytes <= (int64_t(64) << 10))
+    return std::max<int64_t>(4096, (bytes + 4095) & ~int64_t(4095));
+  int64_t b = int64_t(64) << 10;
+  while (b < bytes)
+    b <<= 1;
+  return b;
+}
+
+} // namespace
+
+HostPool& HostPool::instance() {
+  // Leaked on purpose: Works may return blocks during interpreter exit.
+  static auto* pool = new HostPool();
+  return *pool;
+}
+
+at::Tensor HostPool::take(int64_t bytes, const c10::Device& device) {
+  int64_t size = block_size(bytes);
+  bool pinned = !device.is_cpu();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->block.numel() != size || it->device_type != device.type() || it->pinned != pinned)
+        continue;
+      // A block whose last asynchronous copy (host to device) has not run
+      // yet stays where it is.
+      bool ready = std::all_of(it->fences.begin(), it->fences.end(), [](const auto& f) { return f->query(); });
+      if (!ready)
+        continue;
+      auto block = std::move(it->block);
+      free_bytes_ -= size;
+      free_.erase(it);
+      ++reuses_;
+      return block;
+    }
+    ++allocations_;
+  }
+  return allocate_host(size, device);
+}
+
+void HostPool::give(at::Tensor block, const c10::Device& device, std::vector<std::shared_ptr<c10::Event>> fences) {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_.push_back(Free{std::move(block), device.type(), !device.is_cpu(), std::move(fences)});
+  free_bytes_ += free_.back().block.numel();
+  // Oldest blocks go first when the pool holds too much.
+  while (free_bytes_ > kPoolKeepBytes && !free_.empty()) {
+    free_bytes_ -= free_.front().block.numel();
+    free_.pop_front();
+  }
+}
+
+HostPool::Stats HostPool::stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return Stats{allocations_, reuses_, free_bytes_};
+}
+
+void HostPool::clear() {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_.clear();
+  free_bytes_ = 0;
 }
 
 namespace {
@@ -166,6 +237,14 @@ bool zero_copy(const at::Tensor& t) {
 }
 
 } // namespace
+
+at::Tensor Staging::host(at::IntArrayRef sizes, at::ScalarType type, const c10::Device& like) {
+  int64_t numel = c10::multiply_integers(sizes);
+  int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(type));
+  auto block = HostPool::instance().take(std::max<int64_t>(bytes, 1), like);
+  work_.lend(block, like);
+  return block.narrow(0, 0, bytes).view(type).view(sizes);
+}
 
 at::Tensor Staging::in(const at::Tensor& t) {
   if (zero_copy(t)) {
@@ -177,19 +256,25 @@ at::Tensor Staging::in(const at::Tensor& t) {
     work_.keep(c);
     return c;
   }
-  auto h = host_empty_like(t);
+  auto h = host(t.sizes(), t.scalar_type(), t.device());
+  fill(h, t);
+  return h;
+}
+
+void Staging::fill(const at::Tensor& dst, const at::Tensor& t) {
+  if (t.device().is_cpu()) {
+    dst.copy_(t);
+    return;
+  }
   {
     c10::DeviceGuard guard(t.device());
-    c10::impl::VirtualGuardImpl impl(t.device().type());
     // The device's own asynchronous copy, queued behind the kernels that
-    // produced t on the caller's current stream.
-    h.copy_(t, /*non_blocking=*/true);
-    c10::Event done(t.device().type());
-    done.record(impl.getStream(t.device()));
-    d2h_.push_back(std::move(done));
+    // produced t on the caller's current stream; wait_inputs() waits for
+    // all of them at once.
+    dst.copy_(t, /*non_blocking=*/true);
   }
-  work_.keep(h);
-  return h;
+  if (std::find(d2h_devices_.begin(), d2h_devices_.end(), t.device()) == d2h_devices_.end())
+    d2h_devices_.push_back(t.device());
 }
 
 at::Tensor Staging::out(const at::Tensor& t) {
@@ -197,10 +282,7 @@ at::Tensor Staging::out(const at::Tensor& t) {
     work_.keep(t);
     return t;
   }
-  auto h = t.device().is_cpu()
-      ? at::empty(t.sizes(), at::TensorOptions().dtype(t.scalar_type()).device(at::kCPU))
-      : host_empty_like(t);
-  work_.keep(h);
+  auto h = host(t.sizes(), t.scalar_type(), t.device());
   work_.copy_back(t, h);
   return h;
 }
@@ -216,15 +298,20 @@ at::Tensor Staging::inout(const at::Tensor& t) {
 }
 
 at::Tensor Staging::scratch(int64_t numel, at::ScalarType type, const at::Device& like) {
-  auto h = host_empty({numel}, type, like);
-  work_.keep(h);
-  return h;
+  return host({numel}, type, like);
 }
 
 void Staging::wait_inputs() {
-  for (const auto& e : d2h_)
-    e.synchronize();
-  d2h_.clear();
+  // Every copy of this call went to its device's current stream in order,
+  // so one event after the last of them covers them all: one
+  // synchronisation per device and call, however many tensors.
+  for (const auto& device : d2h_devices_) {
+    c10::impl::VirtualGuardImpl impl(device.type());
+    c10::Event done(device.type());
+    done.record(impl.getStream(device));
+    done.synchronize();
+  }
+  d2h_devices_.clear();
 }
 
 } // namespace hetcomm_torch

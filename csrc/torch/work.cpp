@@ -89,7 +89,7 @@ HcWork::DeviceSync& HcWork::sync_for(const c10::Device& device) {
   // the op (the output may still be in use there).
   auto side = impl.getStreamFromGlobalPool(device, /*isHighPriority=*/false);
   auto sync = std::unique_ptr<DeviceSync>(new DeviceSync{
-      device, side, c10::Event(device.type()), c10::Event(device.type())});
+      device, side, c10::Event(device.type()), std::make_shared<c10::Event>(device.type())});
   sync->issued_at.record(impl.getStream(device));
   devices_.push_back(std::move(sync));
   return *devices_.back();
@@ -99,6 +99,10 @@ void HcWork::copy_back(at::Tensor dst, at::Tensor src) {
   if (!dst.device().is_cpu())
     sync_for(dst.device());
   copies_.push_back(CopyBack{std::move(dst), std::move(src)});
+}
+
+void HcWork::lend(at::Tensor block, const c10::Device& device) {
+  leases_.push_back(Lease{std::move(block), device});
 }
 
 void* HcWork::add_op() {
@@ -205,13 +209,21 @@ void HcWork::complete() {
             keep_staging_.push_back(c.src);
         }
         for (auto& d : devices_)
-          d->copied.record(d->side);
+          d->copied->record(d->side);
       } catch (...) {
         eptr = std::current_exception();
       }
     }
     copies_.clear();
     keep_.clear();
+    // The copies back may still be reading the staging blocks: they go back
+    // to the pool fenced by the events after those copies.
+    std::vector<std::shared_ptr<c10::Event>> fences;
+    for (const auto& d : devices_)
+      fences.push_back(d->copied);
+    for (auto& lease : leases_)
+      HostPool::instance().give(std::move(lease.block), lease.device, fences);
+    leases_.clear();
     if (eptr) {
       future_->setError(eptr);
     } else {
@@ -235,7 +247,7 @@ void HcWork::synchronize() {
   // Makes the caller's current stream wait for the copies back.
   for (const auto& d : devices_) {
     c10::impl::VirtualGuardImpl impl(d->device.type());
-    d->copied.block(impl.getStream(d->device));
+    d->copied->block(impl.getStream(d->device));
   }
 }
 

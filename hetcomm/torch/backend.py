@@ -28,6 +28,8 @@ from hetcomm import rendezvous
 from hetcomm._capi import ffi, lib
 from hetcomm.config import Options, env_str
 from hetcomm.torch import _build
+from hetcomm.torch.intra import attach as attach_intra
+from hetcomm.torch.intra import intra_backend, site_layout
 from hetcomm.torch.options import ProcessGroupOptions
 
 log = logging.getLogger("hetcomm.torch")
@@ -198,8 +200,16 @@ def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
     # Build (or load) the shim before connecting, so that a slow first build
     # cannot eat into the connect timeout.
     _build.load()
+    intra = intra_backend(opts)
     communicator = _comm.Communicator(rank, size, store=store, name=name, options=opts)
+    layout = site_layout(communicator) if intra != "hetcomm" else None
     backend = wrap_handle(handle_of(communicator), rank, size, opts, name)
+    if layout is not None:
+        try:
+            attach_intra(backend, store, name, opts, intra, layout)
+        except BaseException:
+            backend.abort()
+            raise
     log.debug("%s: rank %d/%d ready (timeout %.1f s)", name, rank, size, opts.timeout)
     return backend
 

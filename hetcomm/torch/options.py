@@ -18,4 +18,11 @@ class ProcessGroupOptions(Options):
     Example::
 
         dist.init_process_group("hetcomm", pg_options=ProcessGroupOptions(site="dc-a", codec="int8"))
+
+    ``intra`` (``HETCOMM_INTRA``, default "hetcomm") names the library that
+    carries the in-site phases of allreduce and broadcast: "nccl", "hccl",
+    "gloo" (or any registered torch.distributed backend); the inter-site leg
+    stays on hetcomm (see docs/devices.md).
     """
+
+    intra: str | None = None
