@@ -104,7 +104,25 @@ def main() -> None:
     ap.add_argument("--log-dir", help="keep every rank's output here (with HETCOMM_LOG_LEVEL=DEBUG the core "
                     "logs each hierarchical allreduce's in-site and inter-site times)")
     ap.add_argument("--json", help="also write the full results (curves, breakdowns) here")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw train loss against wall-clock time of every run "
+                    "(needs the plot extra: pip install 'hetcomm[plot]')")
+    ap.add_argument("--replot", nargs="+", metavar="RESULT.json",
+                    help="run nothing: draw --plot from results that --json wrote earlier")
     args = ap.parse_args()
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot FILE.png")
+        runs = []
+        for path in args.replot:
+            with open(path) as f:
+                saved = json.load(f)
+            runs += [{**r, "outer_lr": saved["args"]["outer_lr"]} for r in saved["runs"]]
+        print(plot_loss_curves(runs, args.plot))
+        return
+    if args.plot:
+        from hetcomm.bench.plot import require_matplotlib
+
+        require_matplotlib()  # before minutes of training, not after
     from hetcomm.testbed.netns import WanTestbed, available
 
     ok, why = available("hctrain")
@@ -143,7 +161,21 @@ def main() -> None:
         print(f"{r['name']:22} {r['step_s']:7.3f} {base / r['step_s']:7.2f} {b['compute_floor_s']:8.3f} "
               f"{b['forward_s']:6.3f} {b['backward_s']:8.3f} {b['optimizer_s']:9.3f} {b['exposed_comm_s']:8.3f} "
               f"{r['final_loss']:9.4f} {r['wan_bytes'] / 1e6:8.1f} {(r['wan_bytes_train'] or 0) / r['samples']:9.0f}")
+    if args.plot:
+        print(f"# plot: {plot_loss_curves([{**r, 'outer_lr': args.outer_lr} for r in runs], args.plot)}")
     print(json.dumps({"runs": [{k: v for k, v in r.items() if k != "loss_curve"} for r in runs]}))
+
+
+def plot_loss_curves(runs: list[dict], out: str) -> str:
+    """Train loss against the slowest rank's wall clock, one line per run (first of equal names wins)."""
+    from hetcomm.bench.plot import plot_loss_vs_time
+
+    curves = {}
+    for r in runs:
+        outer = f", outer lr {r['outer_lr']}" if r["mode"] == "diloco" else ""
+        label = f"{r['name']}{outer} ({r['step_s']:.2f} s/step)"
+        curves.setdefault(label, ([t for t, _ in r["loss_curve"]], [loss for _, loss in r["loss_curve"]]))
+    return str(plot_loss_vs_time(curves, out, title="2 sites x 2 ranks: train loss against wall-clock time"))
 
 
 if __name__ == "__main__":
