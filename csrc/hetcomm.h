@@ -176,6 +176,9 @@ typedef struct hc_config {
     double wan_bandwidth;      /* bytes/s of a link between sites; 0: unknown. With the round
                                   trips measured at connect it raises the size below which
                                   allreduce across sites uses recursive doubling */
+    int spin_us;               /* small collectives on one host: busy-wait this long for a
+                                  peer before sleeping on a futex; -1: auto (30 when the
+                                  host has a core per rank, else 0) */
 } hc_config;
 
 /* Fills defaults: one stream, 2 MiB chunks, 64 KiB small threshold, 300 s

@@ -10,6 +10,7 @@
 #include "core/internal.h"
 
 static int run_algorithm(hc_exec *x) {
+    if (hc_small_eligible(x)) return hc_small_run(x);
     switch (x->op->kind) {
     case HC_OP_ALLREDUCE: return hc_allreduce_run(x);
     case HC_OP_BROADCAST: return hc_broadcast_run(x);
