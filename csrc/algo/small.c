@@ -35,9 +35,7 @@ int hc_small_links_ok(const hc_comm *c) {
 /* The bytes one rank sends one peer in this op. */
 static size_t part_bytes(const hc_op *op) { return op->count * hc_dtype_size(op->dtype); }
 
-int hc_small_eligible(hc_exec *x) {
-    hc_comm *c = x->comm;
-    hc_op *op = x->op;
+int hc_small_fits(const hc_comm *c, const hc_op *op) {
     if (!c->small_shm || op->codec != HC_CODEC_NONE) return 0;
     size_t part = part_bytes(op), whole = part;
     switch (op->kind) {

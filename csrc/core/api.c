@@ -130,6 +130,11 @@ static int submit(hc_comm *c, hc_op *op, hc_op **op_out) {
     }
     hc_op **head = p2p ? &c->p2p_head : &c->q_head, **tail = p2p ? &c->p2p_tail : &c->q_tail;
     if (!p2p) op->seq = ++c->issued_seq;
+    /* An async small op alone in the queue is most likely waited for at
+     * once (torch's synchronous calls are async ops plus wait()): the worker
+     * leaves it to the waiting thread for a moment, which saves two thread
+     * hand-offs; it runs it after HC_DEFER_NS if nobody waits. */
+    if (op_out && !c->q_head && hc_small_fits(c, op)) op->defer_until_ns = hc_now_ns() + HC_DEFER_NS;
     if (*tail)
         (*tail)->next = op;
     else

@@ -75,6 +75,7 @@ struct hc_op {
     int codec;
     uint64_t seq;
     int64_t deadline_ns; /* p2p receives: when a pending receive times out */
+    int64_t defer_until_ns; /* the worker leaves it to a waiting caller until then */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -285,7 +286,7 @@ void hc_progress_idle(hc_comm *comm);
 int hc_progress_needs_sockets(hc_comm *comm);
 /* Blocks until the wake-up pipe has a byte; leaves it there, since a caller
  * running an op inline may be waiting on the same pipe. */
-void hc_progress_sleep(hc_comm *comm);
+void hc_progress_sleep(hc_comm *comm, long timeout_ms /* -1: none */);
 /* Empties the wake-up pipe; engine held. */
 void hc_progress_clear_wakeups(hc_comm *comm);
 /* Runs one collective and completes it; engine held. */
@@ -356,11 +357,13 @@ int hc_scatter_run(hc_exec *x);
 int hc_alltoall_run(hc_exec *x);
 int hc_barrier_run(hc_exec *x);
 /* Small collectives through the mailboxes: whether this op goes there, and the run. */
-int hc_small_eligible(hc_exec *x);
+int hc_small_fits(const hc_comm *comm, const hc_op *op);
 int hc_small_run(hc_exec *x);
 /* For waits on the sockets: fails `op` when a peer ran it through its
  * mailbox (the calls or the small-message settings differ). */
 int hc_small_check_mailboxes(hc_comm *comm, hc_op *op);
+/* How long the worker leaves a small async op to the thread that queued it. */
+#define HC_DEFER_NS 1000000
 /* How often a socket wait looks at the mailboxes, ms. */
 #define HC_SMALL_CHECK_MS 5
 /* This rank has working mailboxes both ways with every peer. */

@@ -530,9 +530,9 @@ int hc_progress_needs_sockets(hc_comm *c) {
 
 void hc_progress_clear_wakeups(hc_comm *c) { drain_pipe(c->wake_fd[0]); }
 
-void hc_progress_sleep(hc_comm *c) {
+void hc_progress_sleep(hc_comm *c, long timeout_ms) {
     hc_zmq_pollitem wake = {NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
-    hc_zmq.poll(&wake, 1, -1);
+    hc_zmq.poll(&wake, 1, timeout_ms);
 }
 
 /* All its streams greeted this rank, and it answered this rank's greeting. */

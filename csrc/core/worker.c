@@ -10,7 +10,7 @@
 #include "core/internal.h"
 
 static int run_algorithm(hc_exec *x) {
-    if (hc_small_eligible(x)) return hc_small_run(x);
+    if (hc_small_fits(x->comm, x->op)) return hc_small_run(x);
     switch (x->op->kind) {
     case HC_OP_ALLREDUCE: return hc_allreduce_run(x);
     case HC_OP_BROADCAST: return hc_broadcast_run(x);
@@ -60,6 +60,15 @@ hc_op *hc_next_collective(hc_comm *c, int *closing) {
     return op;
 }
 
+/* How long to leave the next op to the caller that queued it (0: run it). */
+static long deferred_ms(hc_comm *c) {
+    pthread_mutex_lock(&c->qmu);
+    int64_t until = c->q_head && !c->closing ? c->q_head->defer_until_ns : 0;
+    pthread_mutex_unlock(&c->qmu);
+    int64_t left = until - hc_now_ns();
+    return left > 0 ? (long)((left + 999999) / 1000000) : 0;
+}
+
 void *hc_worker_main(void *arg) {
     hc_comm *c = arg;
     hc_on_worker = 1;
@@ -69,6 +78,13 @@ void *hc_worker_main(void *arg) {
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     for (;;) {
         pthread_mutex_lock(&c->engine);
+        long defer_ms = hc_progress_needs_sockets(c) ? 0 : deferred_ms(c);
+        if (defer_ms) {
+            hc_progress_clear_wakeups(c);
+            pthread_mutex_unlock(&c->engine);
+            hc_progress_sleep(c, defer_ms);
+            continue;
+        }
         int closing;
         hc_op *op = hc_next_collective(c, &closing);
         if (op) {
@@ -89,7 +105,7 @@ void *hc_worker_main(void *arg) {
             int more = c->q_head || c->p2p_head || c->closing;
             pthread_mutex_unlock(&c->qmu);
             pthread_mutex_unlock(&c->engine);
-            if (!more) hc_progress_sleep(c);
+            if (!more) hc_progress_sleep(c, -1);
             continue;
         }
         pthread_mutex_unlock(&c->engine);
