@@ -287,7 +287,7 @@ int hc_progress_needs_sockets(hc_comm *comm);
 /* Blocks until the wake-up pipe has a byte; leaves it there, since a caller
  * running an op inline may be waiting on the same pipe. */
 void hc_progress_sleep(hc_comm *comm, long timeout_ms /* -1: none */);
-/* Empties the wake-up pipe; engine held. */
+/* Empties the wake-up pipe; engine held (or a small op deferred, see worker.c). */
 void hc_progress_clear_wakeups(hc_comm *comm);
 /* Runs one collective and completes it; engine held. */
 void hc_run_op(hc_comm *comm, hc_op *op);

@@ -63,7 +63,7 @@ hc_op *hc_next_collective(hc_comm *c, int *closing) {
 /* How long to leave the next op to the caller that queued it (0: run it). */
 static long deferred_ms(hc_comm *c) {
     pthread_mutex_lock(&c->qmu);
-    int64_t until = c->q_head && !c->closing ? c->q_head->defer_until_ns : 0;
+    int64_t until = c->q_head && !c->closing && !c->p2p_head ? c->q_head->defer_until_ns : 0;
     pthread_mutex_unlock(&c->qmu);
     int64_t left = until - hc_now_ns();
     return left > 0 ? (long)((left + 999999) / 1000000) : 0;
@@ -77,14 +77,17 @@ void *hc_worker_main(void *arg) {
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     for (;;) {
-        pthread_mutex_lock(&c->engine);
-        long defer_ms = hc_progress_needs_sockets(c) ? 0 : deferred_ms(c);
+        long defer_ms = deferred_ms(c);
         if (defer_ms) {
+            /* Without the engine, so the caller can take it at once. Eating
+             * a wake-up here is safe: ops are deferred only with mailboxes,
+             * and then every wait of an engine holder looks at the queue and
+             * at abort requests at least every HC_SMALL_CHECK_MS. */
             hc_progress_clear_wakeups(c);
-            pthread_mutex_unlock(&c->engine);
             hc_progress_sleep(c, defer_ms);
             continue;
         }
+        pthread_mutex_lock(&c->engine);
         int closing;
         hc_op *op = hc_next_collective(c, &closing);
         if (op) {
