@@ -178,22 +178,31 @@ def test_mismatched_small_calls_fail_on_every_rank(case):
                 or "differ across ranks" in text), text
 
 
-def _dies(rank: int, size: int) -> str:
+def _error_of(rank: int, size: int, body, timeout: float) -> str:
+    """"SECONDSs ErrorClass: message" of what ``body(comm, rank)`` raised, or "no error"."""
     import hetcomm
 
-    comm = hetcomm.Communicator(rank, size, timeout=60)
+    comm = hetcomm.Communicator(rank, size, timeout=timeout)
     t0 = time.monotonic()
     try:
-        comm.barrier()
-        if rank == 2:
-            os._exit(3)
-        for _ in range(1000):
-            comm.allreduce(np.ones(4, np.float32))
+        body(comm, rank)
     except hetcomm.HetcommError as exc:
         return f"{time.monotonic() - t0:.1f}s {type(exc).__name__}: {exc}"
     finally:
         comm.close()
     return "no error"
+
+
+def _die_in_a_loop(comm, rank: int) -> None:
+    comm.barrier()
+    if rank == 2:
+        os._exit(3)
+    for _ in range(1000):
+        comm.allreduce(np.ones(4, np.float32))
+
+
+def _dies(rank: int, size: int) -> str:
+    return _error_of(rank, size, _die_in_a_loop, 60)
 
 
 @pytest.mark.timeout(60)
@@ -206,24 +215,18 @@ def test_dead_peer_in_a_small_collective_is_reported_naming_it():
         assert float(text.split("s ")[0]) < 10, text
 
 
-def _aborted(rank: int, size: int) -> str:
-    import hetcomm
+def _abort_while_waiting(comm, rank: int) -> None:
+    if rank == 0:  # rank 1 is asleep: rank 0 sleeps in its mailbox wait until the abort
+        threading.Timer(0.5, comm.abort, args=("user pressed stop",)).start()
+        comm.allreduce(np.ones(10, np.float32))
+    else:
+        time.sleep(2)
+        comm.allreduce(np.ones(10, np.float32))
+        comm.barrier()
 
-    comm = hetcomm.Communicator(rank, size, timeout=30)
-    t0 = time.monotonic()
-    try:
-        if rank == 0:  # rank 1 is asleep: rank 0 sleeps in its mailbox wait until the abort
-            threading.Timer(0.5, comm.abort, args=("user pressed stop",)).start()
-            comm.allreduce(np.ones(10, np.float32))
-        else:
-            time.sleep(2)
-            comm.allreduce(np.ones(10, np.float32))
-            comm.barrier()
-    except hetcomm.HetcommError as exc:
-        return f"{time.monotonic() - t0:.1f}s {type(exc).__name__}: {exc}"
-    finally:
-        comm.close()
-    return "no error"
+
+def _aborted(rank: int, size: int) -> str:
+    return _error_of(rank, size, _abort_while_waiting, 30)
 
 
 @pytest.mark.timeout(60)

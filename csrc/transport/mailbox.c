@@ -1,7 +1,6 @@
 #include "transport/mailbox.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <linux/futex.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,20 +35,9 @@ static hc_mbox *wrap(const char *name, uint8_t *base, size_t bytes, size_t slot_
 
 hc_mbox *hc_mbox_create(const char *name) {
     size_t bytes = map_size(HC_MBOX_SLOT_BYTES);
-    int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd < 0) {
-        hc_log(HC_LOG_DEBUG, "shm_open(%s): %s", name, strerror(errno));
-        return NULL;
-    }
-    uint8_t *base = MAP_FAILED;
-    if (ftruncate(fd, (off_t)bytes) == 0) base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
-    if (base == MAP_FAILED) {
-        hc_log(HC_LOG_DEBUG, "cannot size or map %s (%zu bytes): %s", name, bytes, strerror(errno));
-        shm_unlink(name);
-        return NULL;
-    }
-    /* ftruncate zero-fills: every word starts at 0, which no sequence number uses. */
+    uint8_t *base = hc_shm_map_new(name, bytes);
+    if (!base) return NULL;
+    /* New shared memory is zero-filled: every word starts at 0, which no sequence number uses. */
     mbox_header *h = (mbox_header *)base;
     h->slot_bytes = HC_MBOX_SLOT_BYTES;
     atomic_thread_fence(memory_order_release);
@@ -62,22 +50,16 @@ hc_mbox *hc_mbox_create(const char *name) {
     return mb;
 }
 
+static size_t mbox_bytes(const void *head) {
+    const mbox_header *h = head;
+    return h->magic == MBOX_MAGIC && h->slot_bytes == HC_MBOX_SLOT_BYTES ? map_size(h->slot_bytes) : 0;
+}
+
 hc_mbox *hc_mbox_attach(const char *name) {
-    int fd = shm_open(name, O_RDWR, 0);
-    if (fd < 0) {
-        hc_log(HC_LOG_DEBUG, "shm_open(%s) to attach: %s", name, strerror(errno));
-        return NULL;
-    }
     mbox_header h;
-    uint8_t *base = MAP_FAILED;
-    size_t bytes = 0;
-    if (pread(fd, &h, sizeof h, 0) == (ssize_t)sizeof h && h.magic == MBOX_MAGIC && h.slot_bytes == HC_MBOX_SLOT_BYTES) {
-        bytes = map_size(h.slot_bytes);
-        base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    }
-    close(fd);
-    shm_unlink(name); /* mapped or not, nothing is left behind in /dev/shm */
-    if (base == MAP_FAILED) return NULL;
+    size_t bytes;
+    uint8_t *base = hc_shm_map_existing(name, &h, sizeof h, mbox_bytes, &bytes);
+    if (!base) return NULL;
     hc_mbox *mb = wrap(name, base, bytes, h.slot_bytes, 0);
     if (!mb) munmap(base, bytes);
     return mb;
