@@ -273,9 +273,10 @@ int hc_progress_wait(hc_comm *comm, hc_op *op, int src, uint32_t part, int timeo
 /* Fails `op` (returns its status) when a message of the same collective
  * number shows another call; HC_OK when the calls agree. */
 int hc_progress_check_header(hc_comm *comm, hc_op *op, const hc_wire_header *h);
-/* Waits up to timeout_ms (0: not at all) for the sockets, then files what they brought (an ABORT or a mismatched
- * message fails `op`), serves abort requests and monitors, and fails `op`
- * when `src`'s connection has dropped. For waits outside the sockets. */
+/* For waits outside the sockets: waits up to timeout_ms (0: not at all) for
+ * them, files what they brought (an ABORT or a mismatched message fails
+ * `op`), serves abort requests and monitors, and fails `op` when `src`'s
+ * connection has dropped. */
 int hc_progress_poll(hc_comm *comm, hc_op *op, int src, int timeout_ms);
 /* Waits until ZeroMQ released the zero-copy sends of `group` (-1: all). */
 int hc_progress_tx_drain(hc_comm *comm, hc_op *op, int group, int timeout_ms);
@@ -284,7 +285,7 @@ void hc_progress_idle(hc_comm *comm);
 /* Whether the idle worker must watch the sockets (pending receives, p2p
  * work, a broken communicator to wind down) or may just wait to be woken. */
 int hc_progress_needs_sockets(hc_comm *comm);
-/* Blocks until the wake-up pipe has a byte; leaves it there, since a caller
+/* Blocks until the wake-up pipe has a byte (or timeout_ms passed); leaves it there, since a caller
  * running an op inline may be waiting on the same pipe. */
 void hc_progress_sleep(hc_comm *comm, long timeout_ms /* -1: none */);
 /* Empties the wake-up pipe; engine held (or a small op deferred, see worker.c). */
