@@ -187,6 +187,9 @@ typedef struct hc_config {
                                   allreduce across sites uses recursive doubling */
     int heartbeat_ms;          /* a peer silent this long is lost (heartbeats go out at a
                                   quarter of it); 0: no heartbeats */
+    int spin_us;               /* small collectives on one host: busy-wait this long for a
+                                  peer before sleeping on a futex; -1: auto (30 when the
+                                  host has a core per rank, else 0) */
 } hc_config;
 
 /* Fills defaults: one stream, 2 MiB chunks, 64 KiB small threshold, 300 s

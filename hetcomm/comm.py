@@ -346,6 +346,7 @@ class Communicator:
         _warn_if_capped(opts.socket_buffer)
         cfg.shm_enable = int(opts.shm)
         cfg.shm_bytes = opts.shm_bytes
+        cfg.spin_us = opts.spin_us
         cfg.wan_bandwidth = parse_rate(opts.wan_bandwidth) if opts.wan_bandwidth else 0.0
         if self._curve:
             cfg.curve_enable = 1

@@ -132,6 +132,7 @@ class Options:
     wan_rtt: str | None = None            # e.g. "40ms" (HETCOMM_WAN_RTT)
     shm: bool | None = None               # shared-memory lanes on one host (HETCOMM_SHM)
     shm_bytes: int | None = None          # bytes per lane (HETCOMM_SHM_BYTES)
+    spin_us: int | None = None            # small ops on one host: busy-wait before sleeping, -1 auto (HETCOMM_SPIN_US)
     curve: bool | None = None             # CurveZMQ between sites; default: on when a secret is set (HETCOMM_CURVE)
     curve_secret: str | None = None       # this rank's NAME.key_secret from `hetcomm keygen` (HETCOMM_CURVE_SECRET)
     curve_allow: str | None = None        # directory of trusted public *.key files (HETCOMM_CURVE_ALLOW)
@@ -170,6 +171,7 @@ class Options:
         if o.shm is None:
             o.shm = env_bool("HETCOMM_SHM", True)
         o.shm_bytes = parse_size(o.shm_bytes) if o.shm_bytes is not None else env_int("HETCOMM_SHM_BYTES", 16 << 20)
+        o.spin_us = o.spin_us if o.spin_us is not None else env_int("HETCOMM_SPIN_US", -1)
         o.curve_secret = o.curve_secret or env_str("HETCOMM_CURVE_SECRET")
         o.curve_allow = o.curve_allow or env_str("HETCOMM_CURVE_ALLOW")
         if o.curve is None:
@@ -195,6 +197,8 @@ class Options:
             raise ValueError(f"streams must be in 1..64, got {self.streams}")
         if self.chunk_bytes is not None and self.chunk_bytes < 4096:
             raise ValueError(f"chunk_bytes must be at least 4096, got {self.chunk_bytes}")
+        if self.spin_us is not None and self.spin_us < -1:
+            raise ValueError(f"spin_us must be -1 (auto) or a number of microseconds >= 0, got {self.spin_us}")
         if self.codec_block is not None and self.codec_block <= 0:
             raise ValueError(f"codec_block must be positive, got {self.codec_block}")
         if self.curve and not (self.curve_secret and self.curve_allow):

@@ -233,6 +233,86 @@ def test_shrink_after_a_failure_keeps_collectives_correct_and_identical():
     assert len(set(survivors)) == 1, survivors
 
 
+def _small_after_shrink(rank: int, size: int, victim: int) -> tuple:
+    """A rank dies while the others wait on its shared-memory mailbox; the
+    three survivors (one host) shrink and run small collectives again."""
+    import hetcomm
+    from test_small_shm import _watch_path
+
+    notes = _watch_path()
+    comm = hetcomm.Communicator(rank, size, timeout=60)
+    comm.barrier()
+    if rank == victim:
+        os._exit(3)
+    t0 = time.monotonic()
+    with pytest.raises(hetcomm.PeerLostError, match=f"rank {victim}") as info:
+        for _ in range(100_000):
+            comm.allreduce(np.ones(10, np.float32))
+    assert time.monotonic() - t0 < 5.0, "a dead peer's mailbox was waited on too long"
+    assert notes.small > 0, "the small allreduce did not take the mailboxes"
+    assert info.value.failed_ranks == comm.failed_ranks(timeout=10) == [victim]
+    new = comm.shrink([victim])
+    assert (new.rank, new.size) == (rank - (rank > victim), size - 1)
+    rng = np.random.default_rng(23)
+    xs = [rng.standard_normal(1000).astype(np.float32) for _ in range(new.size)]  # 4000 bytes
+    buf = xs[new.rank].copy()
+    new.allreduce(buf)
+    np.testing.assert_allclose(buf, np.sum(xs, axis=0, dtype=np.float64), rtol=1e-5, atol=1e-5)
+    ints = np.arange(500, dtype=np.int64) + new.rank
+    new.allreduce(ints, "max")
+    assert (ints == np.arange(500) + new.size - 1).all()
+    g = new.allgather(np.full(100, new.rank, np.float32))
+    assert (g == np.arange(new.size)[:, None]).all()
+    rs = new.reduce_scatter(np.arange(new.size * 64, dtype=np.float32))
+    assert (rs == new.size * np.arange(new.rank * 64, (new.rank + 1) * 64)).all()
+    new.barrier()
+    new.close()
+    comm.close()
+    return digest(buf)
+
+
+@pytest.mark.timeout(120)
+def test_small_collectives_after_a_shrink_on_one_host_are_correct():
+    size, victim = 4, 1
+    results = run_ranks(_small_after_shrink, size, victim, timeout=110, allow_failures=True)
+    survivors = [results[r] for r in range(size) if r != victim]
+    assert len(set(survivors)) == 1, survivors
+
+
+def _shrink_abort_wakes_small(rank: int, size: int) -> list | None:
+    """Ranks 0 and 1 wait in a small allreduce on rank 2's mailbox (rank 2
+    never calls it); shrinking with abort fails that op at once."""
+    import hetcomm
+
+    store = _store(rank)
+    comm = hetcomm.Communicator(rank, size, timeout=60)
+    comm.barrier()
+    if rank == 2:
+        store.wait(["shrunk/0", "shrunk/1"])
+        comm.close()
+        return None
+    work = comm.allreduce(np.ones(10, np.float32), async_op=True)
+    time.sleep(0.5)  # the worker is asleep in the mailbox wait by now
+    t0 = time.monotonic()
+    new = comm.shrink([2], abort=True)
+    with pytest.raises(hetcomm.AbortedError, match="HC_SHRINK_ABORT|shrunk"):
+        work.wait()
+    elapsed = time.monotonic() - t0
+    store.set(f"shrunk/{rank}", "1")
+    buf = np.full(100, rank + 1, np.float32)
+    new.allreduce(buf)
+    assert (buf == 3).all()
+    new.close()
+    comm.close()
+    return [elapsed < 5.0]
+
+
+@pytest.mark.timeout(90)
+def test_shrink_with_abort_wakes_a_small_collective_waiting_on_a_mailbox():
+    results = run_ranks(_shrink_abort_wakes_small, 3, timeout=80)
+    assert results[:2] == [[True], [True]], results
+
+
 def _voluntary(rank: int, size: int) -> tuple | None:
     import hetcomm
 

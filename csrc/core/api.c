@@ -108,8 +108,21 @@ static int run_inline(hc_comm *c, hc_op *op) {
     return 1;
 }
 
+/* The next op is a small one the worker leaves to its waiting caller; the
+ * worker holds the engine only for a moment then. */
+static int head_deferred(hc_comm *c) {
+    pthread_mutex_lock(&c->qmu);
+    int deferred = c->q_head && c->q_head->defer_until_ns;
+    pthread_mutex_unlock(&c->qmu);
+    return deferred;
+}
+
 int hc_comm_progress(hc_comm *c) {
-    if (!c || !c->connected || hc_on_worker || pthread_mutex_trylock(&c->engine) != 0) return 0;
+    if (!c || !c->connected || hc_on_worker) return 0;
+    if (pthread_mutex_trylock(&c->engine) != 0) {
+        if (!head_deferred(c)) return 0;
+        pthread_mutex_lock(&c->engine);
+    }
     int ran = 0;
     for (hc_op *op; (op = hc_next_collective(c, NULL)) != NULL; ran++) hc_run_op(c, op);
     release_engine(c);
@@ -133,6 +146,11 @@ static int submit(hc_comm *c, hc_op *op, hc_op **op_out) {
     }
     hc_op **head = p2p ? &c->p2p_head : &c->q_head, **tail = p2p ? &c->p2p_tail : &c->q_tail;
     if (!p2p) op->seq = ++c->issued_seq;
+    /* An async small op alone in the queue is most likely waited for at
+     * once (torch's synchronous calls are async ops plus wait()): the worker
+     * leaves it to the waiting thread for a moment, which saves two thread
+     * hand-offs; it runs it after HC_DEFER_NS if nobody waits. */
+    if (op_out && !c->q_head && hc_small_fits(c, op)) op->defer_until_ns = hc_now_ns() + HC_DEFER_NS;
     if (*tail)
         (*tail)->next = op;
     else

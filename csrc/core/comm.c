@@ -40,6 +40,8 @@ static void free_comm(hc_comm *c) {
     for (int r = 0; c->peers && r < c->size; r++) {
         hc_lane_close(c->peers[r].tx_lane);
         hc_lane_close(c->peers[r].rx_lane);
+        hc_mbox_close(c->peers[r].tx_mbox);
+        hc_mbox_close(c->peers[r].rx_mbox);
     }
     for (hc_msg *m = c->free_msgs, *next; m; m = next) {
         next = m->next;
@@ -219,7 +221,11 @@ void hc_lane_name(const hc_comm *c, int src, int dst, char *buf, size_t len) {
     snprintf(buf, len, "/hc-%016llx-%d-%d", (unsigned long long)c->cfg.comm_id, src, dst);
 }
 
-/* Lanes to same-site peers that say they run on this host; each is used only
+void hc_mbox_name(const hc_comm *c, int src, int dst, char *buf, size_t len) {
+    snprintf(buf, len, "/hc-%016llx-%d-%d-mbox", (unsigned long long)c->cfg.comm_id, src, dst);
+}
+
+/* Lanes (and mailboxes) to same-site peers that say they run on this host; each is used only
  * once the peer confirms it mapped it (see the handshake). */
 static void open_lanes(hc_comm *c) {
     if (!c->cfg.shm_enable || !*c->host) return;
@@ -231,6 +237,8 @@ static void open_lanes(hc_comm *c) {
         char name[64];
         hc_lane_name(c, c->rank, r, name, sizeof name);
         p->tx_lane = hc_lane_create(name, nslots < 2 ? 2 : (uint32_t)nslots, c->cfg.chunk_bytes);
+        hc_mbox_name(c, c->rank, r, name, sizeof name);
+        if (p->tx_lane) p->tx_mbox = hc_mbox_create(name);
     }
 }
 

@@ -12,6 +12,7 @@
 
 #include "core/errors.h"
 #include "hetcomm.h"
+#include "transport/mailbox.h"
 #include "transport/shm.h"
 #include "transport/wire.h"
 #include "transport/zmq_lib.h"
@@ -74,6 +75,7 @@ struct hc_op {
     int codec;
     uint64_t seq;
     int64_t deadline_ns; /* p2p receives: when a pending receive times out */
+    int64_t defer_until_ns; /* the worker leaves it to a waiting caller until then */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -125,6 +127,10 @@ typedef struct hc_peer {
     struct hc_pending *pend_head, *pend_tail; /* zero-copy sends waiting for a lane slot */
     hc_lane *rx_lane;     /* payloads from this peer */
     int tx_lane_ok;
+    hc_mbox *tx_mbox;     /* small collectives to this peer (see algo/small.c) */
+    hc_mbox *rx_mbox;     /* and from it */
+    int tx_mbox_ok;       /* it mapped tx_mbox */
+    int mbox_all;         /* its LINKS said it has mailboxes both ways with every rank */
     int gone;             /* its connection dropped */
     int64_t gone_ns;
     int said_bye;         /* it announced a clean close (BYE) */
@@ -139,6 +145,7 @@ typedef struct hc_peer {
     uint8_t *reshape_keep; /* the ranks it keeps (bitmap) */
     hc_msg *stash_head, *stash_tail; /* collective messages not yet asked for */
     uint32_t tx_part, rx_part;       /* message counters of the running op */
+    uint32_t tx_data, rx_data;       /* collective messages sent to / received from it on the sockets, ever */
 } hc_peer;
 
 /* Zero-copy sends not yet released by ZeroMQ, in two groups so an algorithm
@@ -190,6 +197,7 @@ struct hc_comm {
 
     int nsites;
     size_t wan_in_flight; /* agreed at connect: bytes one trip across the WAN holds (0: unknown) */
+    int small_shm;          /* agreed at connect: every pair of ranks has mailboxes */
     int *ring;              /* ring order: ranks with sites kept adjacent */
     int ring_pos;           /* this rank's index in ring */
 
@@ -262,6 +270,8 @@ int hc_comm_alloc(const hc_config *cfg, hc_comm **out);
 int hc_topology_build(hc_comm *comm);
 /* The /dev/shm name of the lane carrying payloads from src to dst. */
 void hc_lane_name(const hc_comm *comm, int src, int dst, char *buf, size_t len);
+/* The /dev/shm name of the mailbox for small collectives from src to dst. */
+void hc_mbox_name(const hc_comm *comm, int src, int dst, char *buf, size_t len);
 /* A work buffer of at least `bytes` that stays with the communicator, so
  * large ops do not pay for fresh pages every time. Worker thread only. */
 void *hc_comm_scratch(hc_comm *comm, int slot, size_t bytes);
@@ -316,6 +326,14 @@ int hc_progress_check_stash(hc_comm *comm, hc_op *op);
 /* Waits for message number `part` of collective `seq` from `src`. */
 int hc_progress_wait(hc_comm *comm, hc_op *op, int src, uint32_t part, int timeout_ms,
                      hc_msg **out);
+/* Fails `op` (returns its status) when a message of the same collective
+ * number shows another call; HC_OK when the calls agree. */
+int hc_progress_check_header(hc_comm *comm, hc_op *op, const hc_wire_header *h);
+/* For waits outside the sockets: waits up to timeout_ms (0: not at all) for
+ * them, files what they brought (an ABORT or a mismatched message fails
+ * `op`), serves abort requests, monitors and membership (heartbeats, peers
+ * failed), and fails `op` when `src` is lost or closed its communicator. */
+int hc_progress_poll(hc_comm *comm, hc_op *op, int src, int timeout_ms);
 /* Waits until ZeroMQ released the zero-copy sends of `group` (-1: all). */
 int hc_progress_tx_drain(hc_comm *comm, hc_op *op, int group, int timeout_ms);
 /* One idle round of the worker: waits for work or messages. */
@@ -328,9 +346,12 @@ int hc_progress_needs_sockets(hc_comm *comm);
  * there, since a caller running an op inline may be waiting on the same
  * pipe. Polls the copy hc_progress_snapshot_idle made, without the engine. */
 void hc_progress_sleep(hc_comm *comm, long timeout_ms);
+/* Blocks until the wake-up pipe has a byte or timeout_ms passed, leaving it
+ * there; touches no socket, so another thread may hold the engine meanwhile. */
+void hc_progress_nap(hc_comm *comm, long timeout_ms);
 /* Copies what an idle worker watches, for hc_progress_sleep; engine held. */
 int hc_progress_snapshot_idle(hc_comm *comm);
-/* Empties the wake-up pipe; engine held. */
+/* Empties the wake-up pipe; engine held (or a small op deferred, see worker.c). */
 void hc_progress_clear_wakeups(hc_comm *comm);
 /* Runs one collective and completes it; engine held. */
 void hc_run_op(hc_comm *comm, hc_op *op);
@@ -446,6 +467,18 @@ int hc_gather_run(hc_exec *x);
 int hc_scatter_run(hc_exec *x);
 int hc_alltoall_run(hc_exec *x);
 int hc_barrier_run(hc_exec *x);
+/* Small collectives through the mailboxes: whether this op goes there, and the run. */
+int hc_small_fits(const hc_comm *comm, const hc_op *op);
+int hc_small_run(hc_exec *x);
+/* For waits on the sockets: fails `op` when a peer ran it through its
+ * mailbox (the calls or the small-message settings differ). */
+int hc_small_check_mailboxes(hc_comm *comm, hc_op *op);
+/* How long the worker leaves a small async op to the thread that queued it. */
+#define HC_DEFER_NS 1000000
+/* How often a socket wait looks at the mailboxes, ms. */
+#define HC_SMALL_CHECK_MS 5
+/* This rank has working mailboxes both ways with every peer. */
+int hc_small_links_ok(const hc_comm *comm);
 
 /* Splits `count` elements into `parts` nearly equal runs: the start of run i. */
 static inline size_t hc_split(size_t count, int parts, int i) {

@@ -66,9 +66,7 @@ static const char *call_desc(char *buf, size_t len, int kind, uint64_t count, in
     return buf;
 }
 
-/* A message of the same collective number must come from the same call. */
-static int check_signature(hc_comm *c, hc_op *op, const hc_msg *m) {
-    const hc_wire_header *h = &m->h;
+int hc_progress_check_header(hc_comm *c, hc_op *op, const hc_wire_header *h) {
     int same = h->op == op->kind && h->dtype == op->dtype;
     if (op->kind == HC_OP_ALLREDUCE || op->kind == HC_OP_REDUCE || op->kind == HC_OP_REDUCE_SCATTER)
         same = same && h->redop == op->redop;
@@ -115,7 +113,8 @@ static int stale(hc_comm *c, hc_op *op, const hc_msg *m) {
     if (s->seq == m->h.seq) {
         hc_op done = {.kind = s->kind, .dtype = s->dtype, .redop = s->redop, .root = s->root, .codec = s->codec,
                       .count = s->count, .seq = s->seq};
-        if (check_signature(c, &done, m) != HC_OK) return hc_op_failf(op, HC_ERR_MISMATCH, "%s", done.error);
+        if (hc_progress_check_header(c, &done, &m->h) != HC_OK)
+            return hc_op_failf(op, HC_ERR_MISMATCH, "%s", done.error);
     }
     char who[160];
     return hc_op_failf(op, HC_ERR_PROTOCOL,
@@ -162,15 +161,20 @@ static void control_header(const hc_comm *c, hc_wire_header *h, int kind) {
 }
 
 /* A peer's first greeting: map the lane it offers, then tell it whether to use it. */
-static void greeted_by(hc_comm *c, hc_peer *p, int lane_offered) {
-    if (lane_offered && !p->rx_lane && p->site == c->peers[c->rank].site) {
+static void greeted_by(hc_comm *c, hc_peer *p, int offered) {
+    if ((offered & HC_WIRE_SHM) && !p->rx_lane && p->site == c->peers[c->rank].site) {
         char name[64];
         hc_lane_name(c, p->rank, c->rank, name, sizeof name);
         p->rx_lane = hc_lane_attach(name);
+        if (p->rx_lane && (offered & HC_WIRE_MBOX)) {
+            hc_mbox_name(c, p->rank, c->rank, name, sizeof name);
+            p->rx_mbox = hc_mbox_attach(name);
+        }
     }
     hc_wire_header h;
     control_header(c, &h, HC_MSG_READY);
     if (p->rx_lane) h.flags = HC_WIRE_SHM;
+    if (p->rx_mbox) h.flags |= HC_WIRE_MBOX;
     hc_tp_send(c, p, &h, NULL, 0, -1);
 }
 
@@ -271,7 +275,7 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
             warn_dropped(c, m, "greeting with the wrong session token (another job on this port?)");
         } else if (p->hellos++ == 0) {
             p->peer_streams = (int)h->count;
-            greeted_by(c, p, h->flags & HC_WIRE_SHM);
+            greeted_by(c, p, h->flags);
         }
         drop(c, m);
         return HC_OK;
@@ -285,6 +289,12 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
             } else if (p->tx_lane) { /* it could not map the lane: sockets only */
                 hc_lane_close(p->tx_lane);
                 p->tx_lane = NULL;
+            }
+            if ((h->flags & HC_WIRE_MBOX) && p->tx_mbox) {
+                p->tx_mbox_ok = 1;
+            } else if (p->tx_mbox) {
+                hc_mbox_close(p->tx_mbox);
+                p->tx_mbox = NULL;
             }
         }
         drop(c, m);
@@ -309,6 +319,7 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
     case HC_MSG_LINKS:
         if (h->seq == c->cfg.session_token) {
             p->links_reported = 1;
+            p->mbox_all = (h->flags & HC_WIRE_MBOX) != 0;
             if (h->count > c->wan_in_flight) c->wan_in_flight = (size_t)h->count;
         }
         drop(c, m);
@@ -336,9 +347,10 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
         drop(c, m);
         return HC_OK;
     case HC_MSG_DATA: {
+        p->rx_data++;
         uint64_t cur = current_seq(c, w->op);
         if (w->op && h->seq == cur) {
-            int rc = check_signature(c, w->op, m);
+            int rc = hc_progress_check_header(c, w->op, &m->h);
             if (rc != HC_OK) {
                 drop(c, m);
                 return rc;
@@ -508,7 +520,7 @@ int hc_progress_check_stash(hc_comm *c, hc_op *op) {
     for (int r = 0; r < c->size; r++)
         for (hc_msg *m = c->peers[r].stash_head; m; m = m->next) {
             if (m->h.seq == op->seq) {
-                int rc = check_signature(c, op, m);
+                int rc = hc_progress_check_header(c, op, &m->h);
                 if (rc != HC_OK) return rc;
             } else if (m->h.seq < op->seq) {
                 return stale(c, op, m);
@@ -521,7 +533,7 @@ int hc_progress_wait(hc_comm *c, hc_op *op, int src, uint32_t part, int timeout_
     hc_peer *p = &c->peers[src];
     hc_msg *m = unstash(p, op->seq, part);
     if (m) {
-        int rc = check_signature(c, op, m);
+        int rc = hc_progress_check_header(c, op, &m->h);
         if (rc != HC_OK) {
             drop(c, m);
             return rc;
@@ -561,6 +573,10 @@ int hc_progress_wait(hc_comm *c, hc_op *op, int src, uint32_t part, int timeout_
         wait = min_timeout(wait, hc_p2p_expire(c, now));
         wait = min_timeout(wait, tick);
         if (p->left) wait = min_timeout(wait, ms_until(p->gone_ns + (int64_t)HC_GONE_GRACE_MS * 1000000, now));
+        if (c->small_shm) { /* a peer that took the mailbox path for this op writes nothing here */
+            if ((rc = hc_small_check_mailboxes(c, op)) != HC_OK) return rc;
+            wait = min_timeout(wait, HC_SMALL_CHECK_MS);
+        }
         if ((rc = poll_items(c, op, wait)) != HC_OK) return rc;
     }
 }
@@ -597,6 +613,27 @@ static void fail_queued_p2p(hc_comm *c) {
         hc_op_complete(p2p, atomic_load(&c->status) == HC_ERR_PEER_LOST ? HC_ERR_PEER_LOST : HC_ERR_ABORTED,
                        c->error);
     }
+}
+
+int hc_progress_poll(hc_comm *c, hc_op *op, int src, int timeout_ms) {
+    want w = {op, -1, 0, NULL};
+    int rc = timeout_ms > 0 ? poll_items(c, op, timeout_ms) : HC_OK;
+    if (rc == HC_OK) rc = drain_inboxes(c, &w);
+    /* Heartbeats go out during a long wait, and a peer that went silent or
+     * dropped its connection without a goodbye is failed (membership breaks
+     * the communicator, so service_control fails the op). */
+    if (rc == HC_OK) hc_member_tick(c, hc_now_ns());
+    if (rc == HC_OK) rc = service_control(c, &w);
+    if (rc != HC_OK) return rc;
+    char who[160];
+    /* What travels outside the sockets was sent before the peer went away,
+     * so a clean close is final at once (no grace as for sockets). */
+    if (c->peers[src].left)
+        return hc_op_failf(op, HC_ERR_PEER_LOST,
+                           "%s closed its connection (it exited, crashed or destroyed its communicator) "
+                           "while rank %d waited for it in %s #%" PRIu64,
+                           hc_peer_desc(c, src, who, sizeof who), c->rank, hc_op_kind_name(op->kind), op->seq);
+    return HC_OK;
 }
 
 void hc_progress_idle(hc_comm *c) {
@@ -638,9 +675,13 @@ void hc_progress_sleep(hc_comm *c, long timeout_ms) {
     if (c->nsleep) {
         hc_zmq.poll(c->sleep_items, c->nsleep, timeout_ms);
     } else {
-        hc_zmq_pollitem wake = {NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
-        hc_zmq.poll(&wake, 1, timeout_ms);
+        hc_progress_nap(c, timeout_ms);
     }
+}
+
+void hc_progress_nap(hc_comm *c, long timeout_ms) {
+    hc_zmq_pollitem wake = {NULL, c->wake_fd[0], HC_ZMQ_POLLIN, 0};
+    hc_zmq.poll(&wake, 1, timeout_ms);
 }
 
 int hc_progress_snapshot_idle(hc_comm *c) {
@@ -693,7 +734,7 @@ int hc_progress_handshake(hc_comm *c) {
         hc_peer *p = &c->peers[r];
         if (r == c->rank || p->inherited) continue;
         h.count = (uint64_t)p->nstreams; /* tells the peer how many greetings to expect */
-        h.flags = p->tx_lane ? HC_WIRE_SHM : 0;
+        h.flags = (p->tx_lane ? HC_WIRE_SHM : 0) | (p->tx_mbox ? HC_WIRE_MBOX : 0);
         for (int s = 0; s < p->nstreams; s++) {
             h.part = (uint32_t)s;
             int rc = hc_tp_send(c, p, &h, NULL, 0, -1);
@@ -732,6 +773,7 @@ int hc_progress_handshake(hc_comm *c) {
             if (mine > c->wan_in_flight) c->wan_in_flight = mine;
             control_header(c, &h, HC_MSG_LINKS);
             h.count = mine;
+            if (hc_small_links_ok(c)) h.flags = HC_WIRE_MBOX;
             for (int r = 0; r < c->size; r++)
                 if (r != c->rank && (rc = hc_tp_send(c, &c->peers[r], &h, NULL, 0, -1)) != HC_OK) return rc;
             reported = 1;
@@ -739,7 +781,12 @@ int hc_progress_handshake(hc_comm *c) {
         int complete = reported;
         for (int r = 0; r < c->size; r++)
             if (r != c->rank && (!c->peers[r].pinged_me || !c->peers[r].links_reported)) complete = 0;
-        if (complete) return HC_OK;
+        if (complete) {
+            c->small_shm = hc_small_links_ok(c);
+            for (int r = 0; r < c->size; r++)
+                if (r != c->rank && !c->peers[r].mbox_all) c->small_shm = 0;
+            return HC_OK;
+        }
         int64_t now = hc_now_ns();
         if (now >= deadline) {
             char missing[512] = "";

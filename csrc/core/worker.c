@@ -10,6 +10,7 @@
 #include "core/internal.h"
 
 static int run_algorithm(hc_exec *x) {
+    if (hc_small_fits(x->comm, x->op)) return hc_small_run(x);
     switch (x->op->kind) {
     case HC_OP_ALLREDUCE: return hc_allreduce_run(x);
     case HC_OP_BROADCAST: return hc_broadcast_run(x);
@@ -79,6 +80,15 @@ hc_op *hc_next_collective(hc_comm *c, int *closing) {
     return op;
 }
 
+/* How long to leave the next op to the caller that queued it (0: run it). */
+static long deferred_ms(hc_comm *c) {
+    pthread_mutex_lock(&c->qmu);
+    int64_t until = c->q_head && !c->closing && !c->p2p_head ? c->q_head->defer_until_ns : 0;
+    pthread_mutex_unlock(&c->qmu);
+    int64_t left = until - hc_now_ns();
+    return left > 0 ? (long)((left + 999999) / 1000000) : 0;
+}
+
 void *hc_worker_main(void *arg) {
     hc_comm *c = arg;
     hc_on_worker = 1;
@@ -87,6 +97,18 @@ void *hc_worker_main(void *arg) {
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     for (;;) {
+        long defer_ms = deferred_ms(c);
+        if (defer_ms) {
+            /* Without the engine, so the caller can take it at once. Eating
+             * a wake-up here is safe: ops are deferred only with mailboxes,
+             * and then every wait of an engine holder looks at the queue and
+             * at abort requests at least every HC_SMALL_CHECK_MS. The nap
+             * touches no socket (the caller may hold them) and lasts at most
+             * HC_DEFER_NS, so heartbeats and control messages wait no longer. */
+            hc_progress_clear_wakeups(c);
+            hc_progress_nap(c, defer_ms);
+            continue;
+        }
         pthread_mutex_lock(&c->engine);
         int closing;
         hc_op *op = hc_next_collective(c, &closing);

@@ -27,6 +27,7 @@ static void fill_header(hc_exec *x, hc_wire_header *h, int dst) {
     h->seq = op->seq;
     h->count = op->count;
     h->part = c->peers[dst].tx_part++;
+    c->peers[dst].tx_data++;
     /* Both ends must decode with the same block and scale format. */
     if (op->codec) h->reserved0 = c->cfg.codec_block | (c->cfg.codec_scale_fp32 ? 0x80000000u : 0);
 }

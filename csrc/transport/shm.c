@@ -50,8 +50,7 @@ static _Atomic uint32_t *state_of(hc_lane *lane, uint32_t slot) {
     return (_Atomic uint32_t *)((uint8_t *)lane->states + (size_t)slot * LINE);
 }
 
-hc_lane *hc_lane_create(const char *name, uint32_t nslots, size_t slot_bytes) {
-    size_t bytes = data_offset(nslots) + (size_t)nslots * slot_bytes;
+uint8_t *hc_shm_map_new(const char *name, size_t bytes) {
     int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0) {
         hc_log(HC_LOG_DEBUG, "shm_open(%s): %s", name, strerror(errno));
@@ -65,6 +64,31 @@ hc_lane *hc_lane_create(const char *name, uint32_t nslots, size_t slot_bytes) {
         shm_unlink(name);
         return NULL;
     }
+    return base;
+}
+
+uint8_t *hc_shm_map_existing(const char *name, void *head, size_t head_len, size_t (*bytes_of)(const void *head),
+                             size_t *bytes) {
+    int fd = shm_open(name, O_RDWR, 0);
+    if (fd < 0) {
+        hc_log(HC_LOG_DEBUG, "shm_open(%s) to attach: %s", name, strerror(errno));
+        return NULL;
+    }
+    uint8_t *base = MAP_FAILED;
+    *bytes = 0;
+    if (pread(fd, head, head_len, 0) == (ssize_t)head_len && (*bytes = bytes_of(head)) != 0)
+        base = mmap(NULL, *bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    /* Mapped (or not): the name is no longer needed, and removing it now
+     * means a crash later leaves nothing behind in /dev/shm. */
+    shm_unlink(name);
+    return base == MAP_FAILED ? NULL : base;
+}
+
+hc_lane *hc_lane_create(const char *name, uint32_t nslots, size_t slot_bytes) {
+    size_t bytes = data_offset(nslots) + (size_t)nslots * slot_bytes;
+    uint8_t *base = hc_shm_map_new(name, bytes);
+    if (!base) return NULL;
     lane_header *h = (lane_header *)base;
     h->nslots = nslots;
     h->slot_bytes = slot_bytes;
@@ -80,24 +104,16 @@ hc_lane *hc_lane_create(const char *name, uint32_t nslots, size_t slot_bytes) {
     return lane;
 }
 
+static size_t lane_bytes(const void *head) {
+    const lane_header *h = head;
+    return h->magic == LANE_MAGIC && h->nslots > 0 ? data_offset(h->nslots) + (size_t)h->nslots * h->slot_bytes : 0;
+}
+
 hc_lane *hc_lane_attach(const char *name) {
-    int fd = shm_open(name, O_RDWR, 0);
-    if (fd < 0) {
-        hc_log(HC_LOG_DEBUG, "shm_open(%s) to attach: %s", name, strerror(errno));
-        return NULL;
-    }
     lane_header h;
-    uint8_t *base = MAP_FAILED;
-    size_t bytes = 0;
-    if (pread(fd, &h, sizeof h, 0) == (ssize_t)sizeof h && h.magic == LANE_MAGIC && h.nslots > 0) {
-        bytes = data_offset(h.nslots) + (size_t)h.nslots * h.slot_bytes;
-        base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    }
-    close(fd);
-    /* Mapped (or not): the name is no longer needed, and removing it now
-     * means a crash later leaves nothing behind in /dev/shm. */
-    shm_unlink(name);
-    if (base == MAP_FAILED) return NULL;
+    size_t bytes;
+    uint8_t *base = hc_shm_map_existing(name, &h, sizeof h, lane_bytes, &bytes);
+    if (!base) return NULL;
     hc_lane *lane = wrap(name, base, bytes, 0);
     if (!lane) munmap(base, bytes);
     return lane;

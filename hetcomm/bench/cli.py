@@ -319,7 +319,7 @@ def _preamble(w: TableWriter, opts: Options, args: argparse.Namespace, launcher:
     load = machine.get("loadavg_at_start")
     if load:
         w.comment(f"{machine.get('cpu_model')}, {machine.get('cpus_usable')} CPUs, load average "
-                  f"{load[0]:.2f} at start")
+                  f"{load[0]:.2f} at start, memcpy {machine.get('memcpy_gbps_at_start')} GB/s (one core, 64 MiB)")
         if load[0] > 0.5 * (machine.get("cpus_usable") or 1):
             log.warning("the machine is busy (load average %.2f on %s CPUs): timings will be noisy",
                         load[0], machine.get("cpus_usable"))

@@ -138,6 +138,27 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def memcpy_gbps(nbytes: int = 64 << 20, repeats: int = 7) -> float:
+    """One core's copy rate here and now, GB/s (bytes copied / s, median of ``repeats``).
+
+    Large-message bandwidth is judged against it: a collective on one host
+    cannot beat the memory it has to copy through.
+    """
+    import time
+
+    import numpy
+
+    src = numpy.ones(nbytes, numpy.uint8)
+    dst = numpy.empty_like(src)
+    numpy.copyto(dst, src)  # fault the pages in first
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        numpy.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return nbytes / sorted(times)[repeats // 2] / 1e9
+
+
 def machine_info() -> dict[str, Any]:
     """Host, CPU, memory and software versions, for the JSON results."""
     import numpy
@@ -156,6 +177,7 @@ def machine_info() -> dict[str, Any]:
         "cpus_usable": usable,
         "mem_total": mem,
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "memcpy_gbps_at_start": round(memcpy_gbps(), 2),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "torch": _version("torch"),

@@ -1,0 +1,281 @@
+"""Small collectives through the shared-memory mailboxes (csrc/algo/small.c).
+
+Allreduce, allgather, reduce_scatter and barrier below ``small_bytes``
+between ranks of one host skip the sockets. These tests check that they do
+take that path (the core's debug log says so), that results equal numpy's
+and are bit-identical across ranks for every dtype and reduction, in place
+too, and that the safety of the socket path is kept: mismatched calls,
+ranks on different paths, stray messages of an earlier mismatch, a dead
+peer and an abort all end in a clear error on every rank, never a hang.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from harness import run_ranks
+from test_collectives import DTYPES, digest, exact_input, ops_for, reference
+
+PATH_NOTE = "shared-memory mailboxes"
+COUNTS = [0, 1, 7, 300]
+
+
+class _Notes(logging.Handler):
+    """Counts the core's debug lines that say a collective took the mailboxes."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.small = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if PATH_NOTE in record.getMessage():
+            self.small += 1
+
+
+def _watch_path() -> _Notes:
+    notes = _Notes()
+    log = logging.getLogger("hetcomm")
+    log.addHandler(notes)
+    log.setLevel(logging.DEBUG)
+    return notes
+
+
+def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
+    import hetcomm
+
+    notes = _watch_path()
+    hashes: dict = {}
+    calls = 0
+    with hetcomm.Communicator(rank, size, timeout=60) as comm:
+        for dtype in DTYPES:
+            for op in ops_for(dtype):
+                for count in COUNTS:
+                    tag = (np.dtype(dtype).name, op, count)
+                    inputs = [exact_input(r, count * size, dtype, op) for r in range(size)]
+                    want = reference(inputs, op, dtype)
+                    # allreduce, in place and into another buffer
+                    buf = inputs[rank].copy()
+                    comm.allreduce(buf, op)
+                    np.testing.assert_array_equal(buf, want, err_msg=f"allreduce {tag}")
+                    out = np.empty_like(buf)
+                    comm.allreduce(inputs[rank], op, out=out)
+                    np.testing.assert_array_equal(out, want, err_msg=f"allreduce out= {tag}")
+                    # reduce_scatter: block `rank` of the reduction; also with the
+                    # output inside the input at this rank's block (in place)
+                    mine = comm.reduce_scatter(inputs[rank].copy(), op)
+                    np.testing.assert_array_equal(mine, want[rank * count:(rank + 1) * count],
+                                                  err_msg=f"reduce_scatter {tag}")
+                    whole = inputs[rank].copy()
+                    comm.reduce_scatter(whole, op, out=whole[rank * count:(rank + 1) * count])
+                    np.testing.assert_array_equal(whole[rank * count:(rank + 1) * count],
+                                                  want[rank * count:(rank + 1) * count],
+                                                  err_msg=f"reduce_scatter in place {tag}")
+                    # allgather of each rank's first `count` elements, also in place
+                    gathered = comm.allgather(inputs[rank][:count])
+                    np.testing.assert_array_equal(gathered, np.stack([x[:count] for x in inputs]),
+                                                  err_msg=f"allgather {tag}")
+                    flat = np.zeros(count * size, dtype)
+                    flat[rank * count:(rank + 1) * count] = inputs[rank][:count]
+                    comm.allgather(flat[rank * count:(rank + 1) * count], out=flat)
+                    np.testing.assert_array_equal(flat, np.concatenate([x[:count] for x in inputs]),
+                                                  err_msg=f"allgather in place {tag}")
+                    comm.barrier()
+                    calls += 7
+                    hashes[tag] = (digest(buf), digest(mine), digest(gathered))
+    return hashes, calls, notes.small
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_small_collectives_every_dtype_and_op_match_numpy(world_size):
+    results = run_ranks(_matrix, world_size, timeout=280)
+    for rank, (hashes, calls, small) in enumerate(results):
+        assert small == calls, f"rank {rank}: {small} of {calls} calls took the mailboxes"
+    # allreduce must be bit-identical on every rank (reduce_scatter and
+    # allgather results differ per rank by design and are checked above)
+    assert all({k: v[0] for k, v in r[0].items()} == {k: v[0] for k, v in results[0][0].items()}
+               for r in results)
+
+
+def _nan_floats(rank: int, size: int) -> list[str]:
+    import hetcomm
+
+    out = []
+    with hetcomm.Communicator(rank, size, timeout=60) as comm:
+        for dtype in (np.float16, np.float32, np.float64):
+            x = np.random.default_rng(rank).uniform(-1, 1, 257).astype(dtype)
+            x[rank::7] = [np.nan, np.inf, -np.inf][rank % 3]
+            for op in ("sum", "avg", "prod", "min", "max"):
+                buf = x.copy()
+                comm.allreduce(buf, op)
+                out.append(digest(buf))
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_random_floats_with_nan_and_inf_end_bit_identical():
+    results = run_ranks(_nan_floats, 3, timeout=100)
+    assert all(r == results[0] for r in results)
+
+
+def _bigger_than_small_bytes(rank: int, size: int) -> tuple[int, bool]:
+    import hetcomm
+
+    notes = _watch_path()
+    with hetcomm.Communicator(rank, size, timeout=60) as comm:
+        buf = np.full(16 * 1024 + 1, rank + 1, np.float32)  # 64 KiB + 4 B: the socket algorithms
+        comm.allreduce(buf)
+        ok = bool(np.all(buf == size * (size + 1) / 2))
+    return notes.small, ok
+
+
+@pytest.mark.timeout(60)
+def test_above_small_bytes_the_socket_algorithms_run():
+    assert run_ranks(_bigger_than_small_bytes, 2, timeout=50) == [(0, True), (0, True)]
+
+
+def _mismatched(rank: int, size: int, case: str) -> str:
+    import hetcomm
+
+    opts = hetcomm.Options(small_bytes=1024 if (case == "paths" and rank == 0) else None)
+    comm = None
+    try:
+        comm = hetcomm.Communicator(rank, size, timeout=20, options=opts)
+        if case == "count":
+            comm.allreduce(np.ones(100 + (rank == 1), np.float32))
+        elif case == "kind":
+            if rank == 0:
+                comm.allgather(np.ones(100, np.float32))
+            else:
+                comm.allreduce(np.ones(100, np.float32))
+        elif case == "paths":  # rank 0's threshold sends 4 KiB over the sockets, the others' not
+            comm.allreduce(np.ones(1024, np.float32))
+        elif case == "stray":  # broadcast roots disagree: only stray socket messages show it
+            comm.broadcast(np.ones(10, np.float32), root=rank % 2)
+        comm.barrier()
+    except hetcomm.HetcommError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        if comm:
+            comm.close()
+    return "no error"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("case", ["count", "kind", "paths", "stray"])
+def test_mismatched_small_calls_fail_on_every_rank(case):
+    t0 = time.monotonic()
+    results = run_ranks(_mismatched, 3, case, timeout=60)
+    assert time.monotonic() - t0 < 18  # before the 20 s timeout would fire
+    for rank, text in enumerate(results):
+        assert text.split(":")[0] in ("MismatchError", "ProtocolError", "AbortedError"), f"rank {rank}: {text}"
+        assert ("differs across ranks" in text or "different numbers of collectives" in text
+                or "differ across ranks" in text), text
+
+
+def _error_of(rank: int, size: int, body, timeout: float) -> str:
+    """"SECONDSs ErrorClass: message" of what ``body(comm, rank)`` raised, or "no error"."""
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=timeout)
+    t0 = time.monotonic()
+    try:
+        body(comm, rank)
+    except hetcomm.HetcommError as exc:
+        return f"{time.monotonic() - t0:.1f}s {type(exc).__name__}: {exc}"
+    finally:
+        comm.close()
+    return "no error"
+
+
+def _die_in_a_loop(comm, rank: int) -> None:
+    comm.barrier()
+    if rank == 2:
+        os._exit(3)
+    for _ in range(1000):
+        comm.allreduce(np.ones(4, np.float32))
+
+
+def _dies(rank: int, size: int) -> str:
+    return _error_of(rank, size, _die_in_a_loop, 60)
+
+
+@pytest.mark.timeout(60)
+def test_dead_peer_in_a_small_collective_is_reported_naming_it():
+    results = run_ranks(_dies, 3, timeout=50, allow_failures=True)
+    assert "exited with code 3" in results[2]
+    for text in results[:2]:
+        assert "rank 2" in text, text
+        assert "PeerLostError" in text or "AbortedError" in text, text
+        assert float(text.split("s ")[0]) < 10, text
+
+
+def _abort_while_waiting(comm, rank: int) -> None:
+    if rank == 0:  # rank 1 is asleep: rank 0 sleeps in its mailbox wait until the abort
+        threading.Timer(0.5, comm.abort, args=("user pressed stop",)).start()
+        comm.allreduce(np.ones(10, np.float32))
+    else:
+        time.sleep(2)
+        comm.allreduce(np.ones(10, np.float32))
+        comm.barrier()
+
+
+def _aborted(rank: int, size: int) -> str:
+    return _error_of(rank, size, _abort_while_waiting, 30)
+
+
+@pytest.mark.timeout(60)
+def test_abort_wakes_a_small_collective_here_and_on_peers():
+    results = run_ranks(_aborted, 2, timeout=40)
+    assert all("AbortedError" in r and "user pressed stop" in r for r in results), results
+    assert float(results[0].split("s ")[0]) < 2, results[0]
+
+
+def _torch_small(rank: int, size: int) -> list:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("hetcomm", rank=rank, world_size=size)
+    t = torch.arange(5, dtype=torch.float32) + rank
+    dist.all_reduce(t)
+    out = [t.tolist()]
+    # Async ops nobody calls wait() on still complete (the worker takes them
+    # after leaving them a moment to a waiting caller).
+    u = torch.full((3,), float(rank + 1))
+    fut = dist.all_reduce(u, async_op=True).get_future()
+    out.append(fut.wait()[0].tolist())
+    v = torch.full((2,), float(rank))
+    w = dist.all_reduce(v, async_op=True)
+    while not w.is_completed():
+        time.sleep(0.001)
+    out.append(v.tolist())
+    g = [torch.empty(2) for _ in range(size)]
+    dist.all_gather(g, torch.full((2,), float(rank)))
+    out.append([x.tolist() for x in g])
+    r = torch.empty(2)
+    dist.reduce_scatter(r, [torch.full((2,), float(rank + k)) for k in range(size)])
+    out.append(r.tolist())
+    dist.barrier()
+    return out
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_torch_small_collectives_sync_and_async(world_size):
+    pytest.importorskip("torch")
+    import torch_ranks
+
+    n = world_size
+    results = torch_ranks.run_ranks(_torch_small, n, timeout=200)
+    base = sum(range(n))
+    for rank, out in enumerate(results):
+        assert out[0] == [5.0 * 0 + base + n * i for i in range(5)]
+        assert out[1] == [n * (n + 1) / 2] * 3
+        assert out[2] == [float(base)] * 2
+        assert out[3] == [[float(k)] * 2 for k in range(n)]
+        assert out[4] == [float(base + n * rank)] * 2
