@@ -336,17 +336,20 @@ int hc_comm_abort(hc_comm *c, const char *reason) {
     return HC_OK;
 }
 
+void hc_comm_stop_worker(hc_comm *c) {
+    if (!c->worker_started) return;
+    pthread_mutex_lock(&c->qmu);
+    c->closing = 1;
+    pthread_mutex_unlock(&c->qmu);
+    char b = 1;
+    (void)!write(c->wake_fd[1], &b, 1);
+    pthread_join(c->worker, NULL);
+    c->worker_started = 0;
+}
+
 int hc_comm_destroy(hc_comm *c) {
     if (!c) return HC_OK;
-    if (c->worker_started) {
-        pthread_mutex_lock(&c->qmu);
-        c->closing = 1;
-        pthread_mutex_unlock(&c->qmu);
-        char b = 1;
-        (void)!write(c->wake_fd[1], &b, 1);
-        pthread_join(c->worker, NULL);
-        c->worker_started = 0;
-    }
+    hc_comm_stop_worker(c);
     /* A goodbye tells the peers this close is on purpose, not a crash. */
     hc_wire_header bye;
     hc_wire_header_init(&bye, c, HC_MSG_BYE);

@@ -266,6 +266,8 @@ struct hc_comm {
 /* A communicator with its settings (strings copied), queues, pipes and
  * membership state, but no sockets and no peers' details yet. */
 int hc_comm_alloc(const hc_config *cfg, hc_comm **out);
+/* Lets the worker finish the queued ops and joins it (idempotent). */
+void hc_comm_stop_worker(hc_comm *comm);
 /* Numbers the sites and orders the ring (sites kept adjacent). */
 int hc_topology_build(hc_comm *comm);
 /* The /dev/shm name of the lane carrying payloads from src to dst. */

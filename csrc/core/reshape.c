@@ -62,15 +62,7 @@ void hc_reshape_on_message(hc_comm *c, const hc_msg *m) {
  * and takes the engine: from here on this thread owns the sockets. */
 static void take_over(hc_comm *c, int abort_first) {
     if (abort_first) hc_comm_abort(c, "the communicator is being shrunk with HC_SHRINK_ABORT");
-    if (c->worker_started) {
-        pthread_mutex_lock(&c->qmu);
-        c->closing = 1;
-        pthread_mutex_unlock(&c->qmu);
-        char b = 1;
-        (void)!write(c->wake_fd[1], &b, 1);
-        pthread_join(c->worker, NULL);
-        c->worker_started = 0;
-    }
+    hc_comm_stop_worker(c);
     pthread_mutex_lock(&c->engine);
 }
 
