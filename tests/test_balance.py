@@ -117,10 +117,12 @@ def _timed(rank: int, ws: int, cgroup: list[str]) -> list[int]:
         f.write(f"{os.getpid()}\n")
     torch.set_num_threads(1)
     dist.init_process_group("hetcomm")
-    model = DDP(torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8)))
-    balancer = Balancer(128, interval=4, warmup=1)
+    # Tens of ms of compute a step at full speed, so that the quotas (per 100 ms
+    # period) throttle inside the timed part of a step, not only between steps.
+    model = DDP(torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 8)))
+    balancer = Balancer(1024, interval=4, warmup=1)
     model.register_comm_hook(None, balancer.ddp_hook())
-    x, y = torch.randn(128, 128), torch.randn(128, 8)
+    x, y = torch.randn(1024, 256), torch.randn(1024, 8)
     for _ in range(9):
         lo, n = balancer.share()
         with balancer.step():
