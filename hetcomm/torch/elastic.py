@@ -45,7 +45,6 @@ from torch.distributed import distributed_c10d as c10d
 from hetcomm import _native, rendezvous
 from hetcomm._capi import ffi, lib
 from hetcomm.comm import Communicator, connect_peers
-from hetcomm.config import Options
 from hetcomm.torch import _build
 from hetcomm.torch.backend import BACKEND_NAME, handle_of, process_group_over, wrap_handle
 from hetcomm.torch.options import ProcessGroupOptions
@@ -161,7 +160,7 @@ def _grow(store: Any, pg: Any, backend: Any, name: str, admitted: int, joining: 
     base = _keys(name)
     comm_name = _growth_name(name, admitted)
     settings = json.loads(backend.settings or "{}")
-    opts = Options(**settings).resolved()
+    opts = ProcessGroupOptions(**settings).resolved()
     if timeout is not None:
         opts.timeout = float(timeout)
     if rank == 0:
