@@ -1,18 +1,19 @@
 """Helpers for the torch backend tests: run a function on N real processes.
 
-Each rank is a fresh spawned process (as torchrun would give), talking over
+Each rank is a fresh process (as torchrun would give), talking over
 loopback. A rank's return value comes back to the test; an exception in any
 rank fails the test with that rank's traceback; a rank that never finishes
 fails it too (the pytest-timeout on each test is the outer bound).
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import socket
 import tempfile
 import traceback
 from typing import Any, Callable, Sequence
+
+from harness import rank_context, take_environment
 
 
 def free_port() -> int:
@@ -23,7 +24,10 @@ def free_port() -> int:
 
 def _entry(fn: Callable[..., Any], rank: int, world_size: int, env: dict[str, str], args: tuple,
            queue: Any) -> None:
-    os.environ.update(env)
+    take_environment(env)
+    import torch
+
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     os.environ["RANK"] = str(rank)
     os.environ["LOCAL_RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
@@ -56,12 +60,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, env: dict[str
     Ranks in ``lost`` are expected to die without reporting (their result is
     None); a report from one of them is an error.
     """
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     queue = ctx.Queue()
-    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-            "HETCOMM_TORCH_BUILD_DIR": os.environ.get("HETCOMM_TORCH_BUILD_DIR", ""),
-            "OMP_NUM_THREADS": "1"}
-    base = {k: v for k, v in base.items() if v}
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     base.update(env or {})
     base.setdefault("HETCOMM_TEST_DUMP_AFTER", str(max(timeout - 15, 5)))
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, base, args, queue), daemon=True)

@@ -4,11 +4,13 @@ There is no stable ABI for c10d, so the shim must be compiled against the
 exact torch that runs it. It is built with ``torch.utils.cpp_extension.load``
 into a directory keyed by the torch version, the Python version and a hash
 of the sources: a torch upgrade or a source change gets a fresh build, never
-a stale library. Ranks that import at the same time on a cold cache wait on
-torch's lock file in that directory and build once.
+a stale library. Ranks that import at the same time on a cold cache take
+turns on an ``flock`` in that directory and build once.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -111,27 +113,47 @@ def load() -> ModuleType:
         name = f"hetcomm_torch_{digest}"
         built = build_dir / f"{name}.so"
         marker = build_dir / "hetcomm-build-ok"
-        if marker.is_file() and built.is_file():
-            # The directory is keyed by the sources, so a finished build there
-            # is the right one: import it without asking ninja (~1 s a rank).
-            _module = _import_built(name, built)
-            return _module
-        from torch.utils import cpp_extension
+        with build_lock(build_dir):
+            if marker.is_file() and built.is_file():
+                # The directory is keyed by the sources, so a finished build there
+                # is the right one: import it without asking ninja (~1 s a rank).
+                _module = _import_built(name, built)
+                return _module
+            from torch.utils import cpp_extension
 
-        _ensure_ninja()
-        staged = build_dir / "src"
-        _stage_sources(src, files, staged)
-        log.info("hetcomm: building the torch shim in %s (once per torch version and source change)", build_dir)
-        _module = cpp_extension.load(
-            name=name,
-            sources=[str(staged / s.relative_to(src)) for s in sources],
-            extra_include_paths=[str(staged), str(staged / "torch")],
-            extra_cflags=["-O2", "-fvisibility=hidden"],
-            build_directory=str(build_dir),
-            verbose=log.isEnabledFor(logging.DEBUG),
-        )
-        marker.write_text(f"{name}\n")
-        return _module
+            _ensure_ninja()
+            staged = build_dir / "src"
+            _stage_sources(src, files, staged)
+            log.info("hetcomm: building the torch shim in %s (once per torch version and source change)", build_dir)
+            _module = cpp_extension.load(
+                name=name,
+                sources=[str(staged / s.relative_to(src)) for s in sources],
+                extra_include_paths=[str(staged), str(staged / "torch")],
+                extra_cflags=["-O2", "-fvisibility=hidden"],
+                build_directory=str(build_dir),
+                verbose=log.isEnabledFor(logging.DEBUG),
+            )
+            marker.write_text(f"{name}\n")
+            return _module
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: pathlib.Path):
+    """One builder per build directory, across processes.
+
+    torch's own lock is a file whose existence is the lock: a build killed
+    half-way leaves it behind and every later build waits on it forever. An
+    flock dies with its process, so whoever holds this one knows any torch
+    lock file there is a leftover and removes it.
+    """
+    with open(build_dir / "hetcomm-build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                (build_dir / "lock").unlink()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _import_built(name: str, path: pathlib.Path) -> ModuleType:

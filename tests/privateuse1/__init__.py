@@ -58,8 +58,9 @@ def load() -> Any:
         build_dir = _build.cache_root() / f"hcdev-{torch.__version__.replace('+', '_')}-{digest}"
         build_dir.mkdir(parents=True, exist_ok=True)
         _build._ensure_ninja()
-        _ext = cpp_extension.load(name=f"hcdev_{digest}", sources=[str(_SRC)], build_directory=str(build_dir),
-                                  extra_cflags=["-O1"], verbose=False)
+        with _build.build_lock(build_dir):
+            _ext = cpp_extension.load(name=f"hcdev_{digest}", sources=[str(_SRC)], build_directory=str(build_dir),
+                                      extra_cflags=["-O1"], verbose=False)
         if torch._C._get_privateuse1_backend_name() != NAME:
             torch.utils.rename_privateuse1_backend(NAME)
             torch._register_device_module(NAME, _device_module(_ext))
