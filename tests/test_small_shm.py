@@ -279,3 +279,38 @@ def test_torch_small_collectives_sync_and_async(world_size):
         assert out[2] == [float(base)] * 2
         assert out[3] == [[float(k)] * 2 for k in range(n)]
         assert out[4] == [float(base + n * rank)] * 2
+
+
+def _abort_a_blocking_torch_call(rank: int, size: int, numel: int) -> float | None:
+    """A synchronous torch collective runs on the calling thread; aborting the
+    group from another thread must still end it at once."""
+    import threading
+
+    import torch
+    import torch.distributed as dist
+
+    from datetime import timedelta
+
+    dist.init_process_group("hetcomm", rank=rank, world_size=size)
+    dist.barrier()
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 1:  # never joins the collective; stays up until rank 0 is done
+        store.wait(["aborted"], timedelta(seconds=60))
+        return None
+    threading.Timer(0.5, dist.group.WORLD.abort).start()
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="abort"):
+        dist.all_reduce(torch.ones(numel))
+    elapsed = time.monotonic() - t0
+    store.set("aborted", "1")
+    return elapsed
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("numel", [4, 1 << 20], ids=["small", "large"])
+def test_aborting_the_group_ends_a_blocking_torch_collective(numel):
+    pytest.importorskip("torch")
+    import torch_ranks
+
+    elapsed = torch_ranks.run_ranks(_abort_a_blocking_torch_call, 2, numel, timeout=100)[0]
+    assert elapsed < 10.0, f"the aborted all_reduce returned only after {elapsed:.1f} s"

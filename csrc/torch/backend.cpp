@@ -313,10 +313,10 @@ void HcBackend::help_progress() {
 }
 
 template <typename F>
-void HcBackend::submit(HcWork& work, int timeout_ms, F&& fn) {
+void HcBackend::submit(HcWork& work, CallMode mode, F&& fn) {
   hc_call_opts opts;
   api_->call_opts_init(&opts);
-  opts.timeout_ms = timeout_ms;
+  opts.timeout_ms = mode.timeout_ms;
   opts.on_done = &HcWork::on_done;
   std::shared_lock<std::shared_mutex> lock(comm_mu_);
   if (!comm_)
@@ -325,8 +325,10 @@ void HcBackend::submit(HcWork& work, int timeout_ms, F&& fn) {
   opts.user = work.add_op();
   inflight_->fetch_add(1, std::memory_order_relaxed);
   hc_op* op = nullptr;
-  int rc = fn(comm_, &opts, &op);
-  if (rc != HC_OK) {
+  // Blocking: the core runs the op before returning (on this thread when
+  // the communicator is idle) and completes the Work through on_done.
+  int rc = fn(comm_, &opts, mode.blocking ? nullptr : &op);
+  if (rc != HC_OK && !(mode.blocking && work.failed())) {
     inflight_->fetch_sub(1, std::memory_order_relaxed);
     work.cancel_op(opts.user);
     std::string detail = api_->last_error();
@@ -336,7 +338,8 @@ void HcBackend::submit(HcWork& work, int timeout_ms, F&& fn) {
     // the caller gets the error now.
     throw_backend_error(c10::str("hetcomm: rank ", rank_, ": ", detail));
   }
-  api_->op_release(op);
+  if (op)
+    api_->op_release(op);
 }
 
 c10::intrusive_ptr<c10d::Work> HcBackend::launched(const c10::intrusive_ptr<HcWork>& w) {
@@ -367,7 +370,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::broadcast(
   Staging st(*work);
   at::Tensor h = rank_ == root ? st.in(t) : st.out(t);
   st.wait_inputs();
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(*work, mode_for(opts), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     return api_->broadcast(c, ptr(h), count(h, w), w.dtype, root, o, op);
   });
   return launched(work);
@@ -386,7 +389,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allreduce(
   Staging st(*work);
   at::Tensor h = st.inout(t);
   st.wait_inputs();
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(*work, mode_for(opts), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     return api_->allreduce(c, ptr(h), ptr(h), count(h, w), w.dtype, redop, o, op);
   });
   return launched(work);
@@ -486,15 +489,15 @@ c10::intrusive_ptr<c10d::Work> HcBackend::reduce(
   at::Tensor h = rank_ == root ? st.inout(t) : st.in(t);
   st.wait_inputs();
   void* recv = rank_ == root ? ptr(h) : nullptr;
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(*work, mode_for(opts), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     return api_->reduce(c, ptr(h), recv, count(h, w), w.dtype, redop, root, o, op);
   });
   return launched(work);
 }
 
-void HcBackend::submit_allgather(HcWork& work, int timeout_ms, const at::Tensor& hin, const at::Tensor& hout) {
+void HcBackend::submit_allgather(HcWork& work, CallMode mode, const at::Tensor& hin, const at::Tensor& hout) {
   Wire w = wire_for_copy(hin.scalar_type());
-  submit(work, timeout_ms, [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(work, mode, [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     return api_->allgather(c, ptr(hin), ptr(hout), count(hin, w), w.dtype, o, op);
   });
 }
@@ -520,7 +523,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allgather(
   at::Tensor hin = st.in(in);
   at::Tensor flat = unpack_target(st, *work, outs, in.numel());
   st.wait_inputs();
-  submit_allgather(*work, timeout_for(opts.timeout), hin, flat);
+  submit_allgather(*work, mode_for(opts), hin, flat);
   return launched(work);
 }
 
@@ -537,7 +540,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::_allgather_base(
   at::Tensor hout = st.out(output);
   at::Tensor hin = st.in(input);
   st.wait_inputs();
-  submit_allgather(*work, timeout_for(opts.timeout), hin, hout);
+  submit_allgather(*work, mode_for(opts), hin, hout);
   return launched(work);
 }
 
@@ -588,7 +591,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allgather_coalesced(
   st.wait_inputs();
   int timeout_ms = timeout_for(opts.timeout);
   for (size_t i = 0; i < inputs.size(); i++)
-    submit_allgather(*work, timeout_ms, hins[i], flats[i]);
+    submit_allgather(*work, CallMode{timeout_ms, false}, hins[i], flats[i]);
   return launched(work);
 }
 
@@ -624,7 +627,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allgather_into_tensor_coalesced(
   st.wait_inputs();
   int timeout_ms = timeout_for(opts.timeout);
   for (size_t i = 0; i < inputs.size(); i++)
-    submit_allgather(*work, timeout_ms, hins[i], houts[i]);
+    submit_allgather(*work, CallMode{timeout_ms, false}, hins[i], houts[i]);
   return launched(work);
 }
 
@@ -659,7 +662,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::gather(
     flat = unpack_target(st, *work, result, in.numel());
   st.wait_inputs();
   void* recv = rank_ == root ? ptr(flat) : nullptr;
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(*work, mode_for(opts), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     return api_->gather(c, ptr(hin), recv, count(hin, w), w.dtype, root, o, op);
   });
   return launched(work);
@@ -695,7 +698,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::scatter(
     flat = pack(st, inputs[0]);
   st.wait_inputs();
   void* send = rank_ == root ? ptr(flat) : nullptr;
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(*work, mode_for(opts), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     return api_->scatter(c, send, ptr(hout), count(hout, w), w.dtype, root, o, op);
   });
   return launched(work);
@@ -720,7 +723,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::reduce_scatter(
   Staging st(*work);
   at::Tensor hout = st.out(out);
   at::Tensor flat = pack(st, inputs[0]);
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(*work, mode_for(opts), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     return api_->reduce_scatter(c, ptr(flat), ptr(hout), count(hout, w), w.dtype, redop, o, op);
   });
   return launched(work);
@@ -746,7 +749,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::_reduce_scatter_base(
   at::Tensor hout = st.out(output);
   at::Tensor hin = st.in(input);
   st.wait_inputs();
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(*work, mode_for(opts), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     return api_->reduce_scatter(c, ptr(hin), ptr(hout), count(hout, w), w.dtype, redop, o, op);
   });
   return launched(work);
@@ -870,7 +873,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::alltoall_base(
   at::Tensor hin = st.in(input);
   st.wait_inputs();
   bool equal = input_splits.empty() && output_splits.empty();
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(*work, mode_for(opts), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     if (equal)
       return api_->alltoall(c, ptr(hin), ptr(hout), scounts[0], w.dtype, o, op);
     return api_->alltoallv(
@@ -930,7 +933,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::alltoall(
     }
   }
   at::Tensor sflat = pack(st, inputs);
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(*work, mode_for(opts), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     return api_->alltoallv(
         c, ptr(sflat), scounts.data(), sdispls.data(), ptr(rflat), rcounts.data(), rdispls.data(), w.dtype, o, op);
   });
@@ -939,7 +942,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::alltoall(
 
 c10::intrusive_ptr<c10d::Work> HcBackend::barrier(const c10d::BarrierOptions& opts) {
   auto work = make_work(c10d::OpType::BARRIER, "hetcomm:barrier", {}, {}, true, "barrier");
-  submit(*work, timeout_for(opts.timeout), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
+  submit(*work, mode_for(opts), [&](hc_comm* c, const hc_call_opts* o, hc_op** op) {
     return api_->barrier(c, o, op);
   });
   return launched(work);
@@ -1241,6 +1244,15 @@ uintptr_t HcBackend::comm_address() const {
 }
 
 void HcBackend::close(bool abort_first) {
+  if (abort_first) {
+    // A blocking call waits in the core holding the shared lock: the abort
+    // ends that wait, so that the exclusive lock below can be had.
+    std::shared_lock<std::shared_mutex> lock(comm_mu_);
+    if (comm_) {
+      NoGil no_gil;
+      api_->comm_abort(comm_, c10::str("process group '", name_, "' aborted by rank ", rank_).c_str());
+    }
+  }
   hc_comm* comm = nullptr;
   {
     // Taking the handle away under the exclusive lock waits out submissions
@@ -1252,8 +1264,6 @@ void HcBackend::close(bool abort_first) {
   if (!comm)
     return;
   NoGil no_gil;
-  if (abort_first)
-    api_->comm_abort(comm, c10::str("process group '", name_, "' aborted by rank ", rank_).c_str());
   api_->comm_destroy(comm);
 }
 

@@ -106,6 +106,8 @@ class HcWork : public c10d::Work {
   void add_child(const c10::intrusive_ptr<c10d::Work>& child);
   // Records an error the Work will finish with.
   void fail(const std::string& msg);
+  // Whether an op of this Work reported an error.
+  bool failed();
   // Everything is issued: drop the issuer's token (completes the Work if all
   // ops are already done).
   void issued();
@@ -447,8 +449,20 @@ class HcBackend : public c10d::Backend {
 
  private:
   struct Call;  // one c10d call being issued
+  // How one core op is issued: its timeout, and whether the caller waits
+  // for it anyway (torch's async_op=False), so that it may run right on the
+  // calling thread, as the core's blocking calls do: for a small message
+  // the two thread hand-offs to the worker and back are most of its time.
+  struct CallMode {
+    int timeout_ms;
+    bool blocking;
+  };
   static int clamp_ms(std::chrono::milliseconds ms);
   int timeout_for(std::chrono::milliseconds requested) const;
+  template <typename Opts>
+  CallMode mode_for(const Opts& opts) const {
+    return CallMode{timeout_for(opts.timeout), !opts.asyncOp};
+  }
   c10::intrusive_ptr<HcWork> make_work(
       c10d::OpType type,
       const char* title,
@@ -458,9 +472,13 @@ class HcBackend : public c10d::Backend {
       const char* what);
   // Submits one core op for `work`; `fn(opts, op_out)` calls the core.
   template <typename F>
-  void submit(HcWork& work, int timeout_ms, F&& fn);
+  void submit(HcWork& work, CallMode mode, F&& fn);
+  template <typename F>
+  void submit(HcWork& work, int timeout_ms, F&& fn) {
+    submit(work, CallMode{timeout_ms, false}, std::forward<F>(fn));
+  }
   // Submits the allgather of host tensor `hin` into host tensor `hout`.
-  void submit_allgather(HcWork& work, int timeout_ms, const at::Tensor& hin, const at::Tensor& hout);
+  void submit_allgather(HcWork& work, CallMode mode, const at::Tensor& hin, const at::Tensor& hout);
   // One send or receive (peer may be HC_ANY_SOURCE); not yet issued().
   c10::intrusive_ptr<HcWork> p2p(bool is_send, const at::Tensor& t, int peer, int tag, int timeout_ms);
   // Finishes issuing: coalescing bookkeeping, returns the Work.

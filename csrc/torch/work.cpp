@@ -137,6 +137,11 @@ void HcWork::fail(const std::string& msg) {
     error_ = msg;
 }
 
+bool HcWork::failed() {
+  std::lock_guard<std::mutex> lock(error_mu_);
+  return !error_.empty();
+}
+
 void HcWork::issued() {
   arrive();
 }
