@@ -441,6 +441,9 @@ class HcBackend : public c10d::Backend {
   void set_site_split(std::shared_ptr<SiteSplit> split) {
     sites_ = std::move(split);
   }
+  // Whether the core runs this allreduce with its hierarchical algorithm
+  // (the one a site split composes).
+  bool runs_hierarchical(size_t count, int dtype, int redop);
   bool has_site_split() const {
     return sites_ != nullptr;
   }
