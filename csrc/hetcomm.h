@@ -226,6 +226,10 @@ int64_t hc_comm_peer_rtt_ns(const hc_comm *comm, int peer);
 int hc_comm_site_of(const hc_comm *comm, int rank);
 /* The ring order the large-message algorithms use (sites kept adjacent). */
 int hc_comm_ring_order(const hc_comm *comm, int *order, int n);
+/* The hc_algo hc_allreduce with default call options runs `count` elements
+ * of `dtype` with (by the communicator's settings, sites and WAN estimate);
+ * -1 for a bad argument. */
+int hc_comm_allreduce_algo(const hc_comm *comm, size_t count, int dtype, int redop);
 /* HC_OK while usable; the error that broke it otherwise. */
 int hc_comm_status(const hc_comm *comm);
 const char *hc_comm_error(const hc_comm *comm);
@@ -410,6 +414,8 @@ typedef struct hc_api {
     /* Appended for shrinking process groups. */
     int (*comm_failed_ranks)(hc_comm *, int, int *, int, int *);
     int (*comm_shrink)(hc_comm *, const int *, int, int, hc_comm **);
+    /* Appended for HETCOMM_INTRA (which allreduces a site split may compose). */
+    int (*comm_allreduce_algo)(const hc_comm *, size_t, int, int);
 } hc_api;
 
 const hc_api *hc_get_api(void);

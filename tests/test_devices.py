@@ -158,12 +158,15 @@ def _collectives(rank: int, ws: int, kinds: list[str]) -> str:
            "all_to_all_single")
 
     nxt, prv = (rank + 1) % ws, (rank - 1) % ws
-    got = on(torch.empty(5))
-    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, on(torch.full((5,), float(rank))), nxt),
-                                   dist.P2POp(dist.irecv, got, prv)])
-    for req in reqs:
-        req.wait()
-    _check(got, torch.full((5,), float(prv)), dev, "send/recv")
+    # batch_isend_irecv returns one coalesced Work: its wait() must also
+    # order the caller's stream behind the receive's copy back (it did not).
+    for step in range(5):
+        got = on(torch.full((5,), -1.0))
+        reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, on(torch.full((5,), float(10 * step + rank))), nxt),
+                                       dist.P2POp(dist.irecv, got, prv)])
+        for req in reqs:
+            req.wait()
+        _check(got, torch.full((5,), float(10 * step + prv)), dev, f"send/recv {step}")
     dist.barrier()
     return "ok"
 
@@ -306,11 +309,8 @@ def test_ddp_on_devices(case: str) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("case", ["hcdev", "cuda"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_on_devices(case: str) -> None:
-    if case == "hcdev":
-        pytest.skip("FSDP2 on the hcdev test device does not pass yet (after storage resize and streams were "
-                    "added it still stalls; unresolved, see docs/devices.md)")
     kinds = CASES[case]
     reason = _skip_reason(kinds)
     if reason:

@@ -120,6 +120,70 @@ def test_grow_admits_a_newcomer_at_a_step_boundary() -> None:
     assert len({o["step"] for o in out}) == 1 and out[0]["step"] >= 1
 
 
+# ---- grow with the in-site phases on another library (HETCOMM_INTRA) ---------------------------------
+
+
+def _raw(t: "torch.Tensor") -> bytes:
+    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _grow_intra(rank: int, ws: int, port: int, intra: str) -> dict:
+    """Two members (sites dc-a, dc-b) take in two newcomers (dc-a, dc-b): 2 sites x 1 grows to 2 x 2."""
+    import hetcomm.torch as ht
+    from hetcomm.torch import ProcessGroupOptions
+
+    store = _job_store(port)
+    members = 2
+    os.environ["HETCOMM_SITE"] = "dc-a" if rank % 2 == 0 else "dc-b"
+    if rank < members:
+        dist.init_process_group("hetcomm", store=dist.PrefixStore("job", store), rank=rank, world_size=members,
+                                timeout=timedelta(seconds=60),
+                                # A low small-message threshold puts most sizes through the split.
+                                pg_options=ProcessGroupOptions(intra=intra, small_bytes=256))
+        x = torch.ones(4)
+        dist.all_reduce(x)
+        assert torch.equal(x, torch.full((4,), 2.0))
+        assert ht.grow_if_pending(store, wait_for=ws - members, timeout=60) is dist.group.WORLD
+    else:
+        if rank > members:
+            # Newcomers take ranks in the order they ask: keep the sites interleaved (a, b, a, b).
+            store.wait([f"hetcomm/elastic/world/request/{rank - members}"], timedelta(seconds=60))
+        # The in-site library is the group's setting: the newcomers name none.
+        ht.join_group(store, timeout=60)
+    assert dist.get_world_size() == ws and dist.get_rank() == rank
+    out: dict = {"split": dist.group.WORLD._get_backend(torch.device("cpu")).has_site_split}
+    for n in (1, 7, 1000, 65_537):
+        for dtype, op in ((torch.float32, dist.ReduceOp.SUM), (torch.float32, dist.ReduceOp.AVG),
+                          (torch.float64, dist.ReduceOp.SUM), (torch.int64, dist.ReduceOp.MAX)):
+            g = torch.Generator().manual_seed(100 * n + rank)
+            t = (torch.randn(n, generator=g, dtype=torch.float64) * 10 ** rank).to(dtype)
+            dist.all_reduce(t, op=op)
+            out[f"allreduce {n} {dtype} {op}"] = _raw(t)
+    for root in range(ws):
+        t = torch.arange(3001, dtype=torch.float32) * (rank + 1)
+        dist.broadcast(t, src=root)
+        assert torch.equal(t, torch.arange(3001, dtype=torch.float32) * (root + 1))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_grown_group_reattaches_intra_site_groups() -> None:
+    """A grown group gets its own per-site groups; results stay bit-identical to hetcomm alone."""
+    runs = {}
+    for intra in ("hetcomm", "gloo"):
+        port = free_port()
+        server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                               timeout=timedelta(seconds=60))
+        runs[intra] = run_ranks(_grow_intra, 4, port, intra, timeout=240)
+        del server
+    assert [r["split"] for r in runs["hetcomm"]] == [False] * 4
+    assert [r["split"] for r in runs["gloo"]] == [True] * 4
+    for key in set(runs["gloo"][0]) - {"split"}:
+        for rank in range(4):
+            assert runs["gloo"][rank][key] == runs["hetcomm"][rank][key], f"{key}: rank {rank} differs from hetcomm alone"
+            assert runs["gloo"][rank][key] == runs["gloo"][0][key], f"{key}: rank {rank} differs from rank 0"
+
+
 # ---- the example, end to end ------------------------------------------------------------------------
 
 

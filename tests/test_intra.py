@@ -48,7 +48,10 @@ def _run(rank: int, ws: int, intra: str) -> dict:
     from hetcomm.torch import ProcessGroupOptions
 
     site = "a" if rank < ws // 2 else "b"
-    dist.init_process_group("hetcomm", pg_options=ProcessGroupOptions(site=site, intra=intra))
+    # The split composes only what the core runs hierarchically (not the
+    # small allreduces, below small_bytes): a low threshold puts most cases
+    # and DDP's buckets through it.
+    dist.init_process_group("hetcomm", pg_options=ProcessGroupOptions(site=site, intra=intra, small_bytes=256))
     backend = dist.group.WORLD._get_backend(torch.device("cpu"))
     out: dict = {"split": backend.has_site_split}
     for n, dtype, op, salt in _cases():

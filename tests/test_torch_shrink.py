@@ -178,6 +178,46 @@ def test_shrink_subgroup_then_default_group() -> None:
     assert out[:3] == [{"world": 3}, {"sub": 2, "world": 3}, {"sub": 2, "world": 3}]
 
 
+# ---- a shrunk group with the in-site phases on another library (HETCOMM_INTRA) ----------------------
+
+
+def _shrink_intra(rank: int, ws: int, intra: str) -> dict:
+    """Three sites of one rank; the third site is lost: the two left are again sites of equal size."""
+    import hetcomm.torch as ht
+    from hetcomm.torch import ProcessGroupOptions
+
+    os.environ["HETCOMM_SITE"] = ("dc-a", "dc-b", "dc-c")[rank]
+    dist.init_process_group("hetcomm", timeout=timedelta(seconds=60),
+                            pg_options=ProcessGroupOptions(intra=intra, small_bytes=256))
+    victim = 2
+    dist.all_reduce(torch.ones(4))
+    _die_after_others_pass(rank, victim, "warm")
+    _expect_loss(lambda: dist.all_reduce(torch.ones(1 << 12)), victim, "dc-c")
+    assert ht.shrink_lost() is dist.group.WORLD and dist.get_world_size() == 2
+    out: dict = {"split": dist.group.WORLD._get_backend(torch.device("cpu")).has_site_split}
+    survivors = [0, 1]
+    for n in (1000, 65_537):
+        x = _values(rank, n)
+        dist.all_reduce(x)
+        ref = sum(_values(r, n).double() for r in survivors)
+        assert torch.allclose(x.double(), ref, rtol=0, atol=1e-5)
+        _same_bytes(x, None)
+        out[f"allreduce {n}"] = x.view(torch.uint8).numpy().tobytes()
+    b = torch.full((5,), float(rank))
+    dist.broadcast(b, src=1)
+    assert torch.equal(b, torch.full((5,), 1.0))
+    return out
+
+
+def test_shrunk_group_reattaches_intra_site_groups() -> None:
+    runs = {intra: run_ranks(_shrink_intra, 3, intra, lost=[2]) for intra in ("hetcomm", "gloo")}
+    assert [r and r["split"] for r in runs["hetcomm"]] == [False, False, None]
+    assert [r and r["split"] for r in runs["gloo"]] == [True, True, None]
+    for rank in (0, 1):
+        for key in set(runs["gloo"][rank]) - {"split"}:
+            assert runs["gloo"][rank][key] == runs["hetcomm"][rank][key], f"{key}: rank {rank} differs"
+
+
 # ---- what is refused ------------------------------------------------------------------------------
 
 

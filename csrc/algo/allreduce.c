@@ -45,22 +45,26 @@ size_t hc_wan_in_flight_estimate(const hc_comm *c) {
     return (size_t)(c->cfg.wan_bandwidth * (double)rtt / 2e9 / (per_site > 1 ? per_site - 1 : 1));
 }
 
-static int choose(hc_exec *x, size_t bytes) {
-    hc_comm *c = x->comm;
-    hc_op *op = x->op;
-    int algo = op->opts.algo != HC_ALGO_AUTO ? op->opts.algo : c->cfg.algo;
+/* The algorithm an allreduce of `bytes` runs with: `algo` asked for by the
+ * call (HC_ALGO_AUTO: the communicator's setting), `codec` its codec. */
+int hc_allreduce_algo_for(const hc_comm *c, int algo, int codec, size_t bytes) {
+    if (algo == HC_ALGO_AUTO) algo = c->cfg.algo;
     int hier_ok = c->nsites > 1 && hc_sites_uniform(c) > 0;
     if (algo == HC_ALGO_TREE) algo = HC_ALGO_RECURSIVE_DOUBLING;
     if (algo == HC_ALGO_AUTO) {
-        if (op->codec == HC_CODEC_NONE && (bytes < c->cfg.small_bytes || bytes < c->wan_in_flight))
+        if (codec == HC_CODEC_NONE && (bytes < c->cfg.small_bytes || bytes < c->wan_in_flight))
             algo = HC_ALGO_RECURSIVE_DOUBLING;
         else
             algo = hier_ok ? HC_ALGO_HIERARCHICAL : HC_ALGO_RING;
     }
     /* Fall back where the asked-for algorithm cannot run. */
     if (algo == HC_ALGO_HIERARCHICAL && !hier_ok) algo = HC_ALGO_RING;
-    if (algo == HC_ALGO_RECURSIVE_DOUBLING && op->codec != HC_CODEC_NONE) algo = HC_ALGO_RING;
+    if (algo == HC_ALGO_RECURSIVE_DOUBLING && codec != HC_CODEC_NONE) algo = HC_ALGO_RING;
     return algo;
+}
+
+static int choose(hc_exec *x, size_t bytes) {
+    return hc_allreduce_algo_for(x->comm, x->op->opts.algo, x->op->codec, bytes);
 }
 
 int hc_allreduce_run(hc_exec *x) {

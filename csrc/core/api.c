@@ -67,13 +67,20 @@ static int check_rank(hc_comm *c, const char *fn, const char *name, int r) {
     return HC_OK;
 }
 
-static int codec_for(hc_comm *c, hc_op *op) {
-    int codec = op->opts.codec >= 0 ? op->opts.codec : c->cfg.codec;
+static int codec_of(const hc_comm *c, int call_codec, int dtype, int redop, size_t count) {
+    int codec = call_codec >= 0 ? call_codec : c->cfg.codec;
     /* Only float sums and averages are compressed; the rest must be exact. */
-    if (!is_float(op->dtype) || (op->redop != HC_SUM && op->redop != HC_AVG)) return HC_CODEC_NONE;
-    if (codec < 0 || codec >= HC_CODEC_COUNT || op->count * hc_dtype_size(op->dtype) < c->cfg.codec_min_bytes)
+    if (!is_float(dtype) || (redop != HC_SUM && redop != HC_AVG)) return HC_CODEC_NONE;
+    if (codec < 0 || codec >= HC_CODEC_COUNT || count * hc_dtype_size(dtype) < c->cfg.codec_min_bytes)
         return HC_CODEC_NONE;
     return codec;
+}
+
+static int codec_for(hc_comm *c, hc_op *op) { return codec_of(c, op->opts.codec, op->dtype, op->redop, op->count); }
+
+int hc_comm_allreduce_algo(const hc_comm *c, size_t count, int dtype, int redop) {
+    if (!c || dtype < 0 || dtype >= HC_DTYPE_COUNT || redop < 0 || redop >= HC_REDOP_COUNT) return -1;
+    return hc_allreduce_algo_for(c, HC_ALGO_AUTO, codec_of(c, -1, dtype, redop, count), count * hc_dtype_size(dtype));
 }
 
 static void wake(hc_comm *c) {

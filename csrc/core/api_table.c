@@ -35,6 +35,7 @@ static const hc_api api = {
     .comm_progress = hc_comm_progress,
     .comm_failed_ranks = hc_comm_failed_ranks,
     .comm_shrink = hc_comm_shrink,
+    .comm_allreduce_algo = hc_comm_allreduce_algo,
 };
 
 const hc_api *hc_get_api(void) { return &api; }

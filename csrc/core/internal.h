@@ -369,6 +369,8 @@ extern _Thread_local int hc_on_worker;
 int hc_progress_handshake(hc_comm *comm);
 /* This rank's estimate of the bytes one WAN trip carries (algo/allreduce.c). */
 size_t hc_wan_in_flight_estimate(const hc_comm *comm);
+/* The algorithm an allreduce runs with (algo: the call's, HC_ALGO_AUTO for the communicator's). */
+int hc_allreduce_algo_for(const hc_comm *comm, int algo, int codec, size_t bytes);
 hc_msg *hc_msg_alloc(hc_comm *comm);
 void hc_msg_free(hc_comm *comm, hc_msg *m);
 

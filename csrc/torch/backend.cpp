@@ -383,7 +383,7 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allreduce(
   TORCH_CHECK(!opts.sparseIndices.has_value(), "hetcomm: allreduce: sparse tensors are not supported");
   int redop = redop_of(opts.reduceOp, "allreduce");
   Wire w = wire_for_reduce(t.scalar_type(), redop, "allreduce");
-  if (sites_ && sites_->handles_allreduce(tensors, opts))
+  if (sites_ && sites_->handles_allreduce(tensors, opts) && runs_hierarchical(count(t, w), w.dtype, redop))
     return remember(sites_->allreduce(t, opts, rank_));
   auto work = make_work(c10d::OpType::ALLREDUCE, "hetcomm:all_reduce", tensors, tensors, true, "allreduce");
   Staging st(*work);
@@ -393,6 +393,17 @@ c10::intrusive_ptr<c10d::Work> HcBackend::allreduce(
     return api_->allreduce(c, ptr(h), ptr(h), count(h, w), w.dtype, redop, o, op);
   });
   return launched(work);
+}
+
+bool HcBackend::runs_hierarchical(size_t count, int dtype, int redop) {
+  // The site split composes the core's hierarchical allreduce; an allreduce
+  // the core runs otherwise (small ones by recursive doubling, whose order
+  // of sums follows ranks, not sites) stays whole on hetcomm, so that the
+  // results are the same bits as without the split.
+  if (!HC_API_HAS(api_, comm_allreduce_algo))
+    return false;
+  std::shared_lock<std::shared_mutex> lock(comm_mu_);
+  return comm_ && api_->comm_allreduce_algo(comm_, count, dtype, redop) == HC_ALGO_HIERARCHICAL;
 }
 
 c10::intrusive_ptr<c10d::Work> HcBackend::allreduce_compressed(

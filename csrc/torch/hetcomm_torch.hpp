@@ -154,6 +154,9 @@ class HcWork : public c10d::Work {
   void arrive();
   void complete();
   DeviceSync& sync_for(const c10::Device& device);
+  // One stream per device on which every copy back of this Work and of its
+  // children is done (the others' end-of-copy events are queued on it).
+  std::vector<c10::Stream> joined_copy_streams();
 
   std::function<void()> help_;
   std::vector<at::Tensor> result_;
@@ -162,6 +165,7 @@ class HcWork : public c10d::Work {
   std::vector<CopyBack> copies_;
   std::vector<Lease> leases_;
   std::vector<std::unique_ptr<DeviceSync>> devices_;
+  std::vector<c10::intrusive_ptr<c10d::Work>> children_;  // a coalesced Work's ops
   std::atomic<int> pending_{1};  // the issuer's token + one per op/child
   int issued_count_ = 0;
   std::mutex error_mu_;  // guards error_ only; never held while completing
@@ -439,6 +443,9 @@ class HcBackend : public c10d::Backend {
   void set_site_split(std::shared_ptr<SiteSplit> split) {
     sites_ = std::move(split);
   }
+  // Whether the core runs this allreduce with its hierarchical algorithm
+  // (the one a site split composes).
+  bool runs_hierarchical(size_t count, int dtype, int redop);
   bool has_site_split() const {
     return sites_ != nullptr;
   }

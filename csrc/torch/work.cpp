@@ -123,6 +123,7 @@ void HcWork::cancel_op(void* user) {
 void HcWork::add_child(const c10::intrusive_ptr<c10d::Work>& child) {
   pending_.fetch_add(1, std::memory_order_relaxed);
   ++issued_count_;
+  children_.push_back(child);
   auto self = c10::intrusive_ptr<HcWork>::unsafe_reclaim_from_nonowning(this);
   child->getFuture()->addCallback([self](c10::ivalue::Future& f) {
     if (f.hasError())
@@ -196,12 +197,10 @@ void HcWork::complete() {
   }
   // The copies back to devices run on per-device side streams; with the
   // streams made current here, the future records its events on them too,
-  // so then() callbacks and waiters on other streams see the copied data.
-  std::vector<c10::Stream> streams;
-  for (const auto& d : devices_)
-    streams.push_back(d->side);
+  // so then() callbacks and waiters on other streams see the copied data
+  // (a coalesced Work's: its children's copies too).
   {
-    c10::MultiStreamGuard guard(streams);
+    c10::MultiStreamGuard guard(joined_copy_streams());
     if (!eptr) {
       try {
         for (auto& d : devices_)
@@ -248,12 +247,35 @@ std::vector<at::Tensor> HcWork::result() {
   return result_;
 }
 
+std::vector<c10::Stream> HcWork::joined_copy_streams() {
+  std::vector<c10::Stream> streams;
+  auto join = [&streams](const DeviceSync& d) {
+    for (const auto& s : streams) {
+      if (s.device() == d.device) {
+        d.copied->block(s);
+        return;
+      }
+    }
+    streams.push_back(d.side);
+  };
+  for (const auto& d : devices_)
+    join(*d);
+  for (const auto& child : children_)
+    if (auto* work = dynamic_cast<HcWork*>(child.get()))
+      for (const auto& d : work->devices_)
+        join(*d);
+  return streams;
+}
+
 void HcWork::synchronize() {
-  // Makes the caller's current stream wait for the copies back.
+  // Makes the caller's current stream wait for the copies back (a coalesced
+  // Work's: those of every op it groups).
   for (const auto& d : devices_) {
     c10::impl::VirtualGuardImpl impl(d->device.type());
     d->copied->block(impl.getStream(d->device));
   }
+  for (const auto& child : children_)
+    child->synchronize();
 }
 
 bool HcWork::wait(std::chrono::milliseconds timeout) {

@@ -28,8 +28,8 @@ from hetcomm import rendezvous
 from hetcomm._capi import ffi, lib
 from hetcomm.config import Options, env_str
 from hetcomm.torch import _build
-from hetcomm.torch.intra import attach as attach_intra
-from hetcomm.torch.intra import intra_backend, site_layout
+from hetcomm.torch.intra import attach as attach_site_groups
+from hetcomm.torch.intra import intra_backend
 from hetcomm.torch.options import ProcessGroupOptions
 
 log = logging.getLogger("hetcomm.torch")
@@ -178,6 +178,11 @@ def wrap_handle(handle: Any, rank: int, size: int, opts: Options, name: str) -> 
     return backend
 
 
+def settings_of(backend: Any) -> ProcessGroupOptions:
+    """The settings a HetcommBackend was made with (see :func:`wrap_handle`)."""
+    return ProcessGroupOptions(**json.loads(backend.settings or "{}")).resolved()
+
+
 def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
     """The creator torch.distributed calls for each hetcomm process group.
 
@@ -200,16 +205,10 @@ def create_backend(dist_opts: Any, pg_options: Any = None) -> Any:
     # Build (or load) the shim before connecting, so that a slow first build
     # cannot eat into the connect timeout.
     _build.load()
-    intra = intra_backend(opts)
+    intra_backend(opts)  # a wrong in-site library fails before connecting
     communicator = _comm.Communicator(rank, size, store=store, name=name, options=opts)
-    layout = site_layout(communicator) if intra != "hetcomm" else None
     backend = wrap_handle(handle_of(communicator), rank, size, opts, name)
-    if layout is not None:
-        try:
-            attach_intra(backend, store, name, opts, intra, layout)
-        except BaseException:
-            backend.abort()
-            raise
+    attach_site_groups(backend, store, opts)
     log.debug("%s: rank %d/%d ready (timeout %.1f s)", name, rank, size, opts.timeout)
     return backend
 
@@ -301,7 +300,10 @@ def _install_shrunk_group_maker() -> None:
         if not isinstance(new_backend, _build.load().HetcommBackend):
             return original(new_backend, remaining_ranks, metadata, is_default_group)
         desc = "default:shrunken" if is_default_group else f"{metadata['original_group_name']}:shrunk"
-        pg = process_group_over(new_backend, metadata["store"].clone(), metadata["new_group_name"], desc,
+        store = metadata["store"].clone()
+        # The shrunk group's own site groups and column, where its settings ask for an in-site library.
+        attach_site_groups(new_backend, store, settings_of(new_backend))
+        pg = process_group_over(new_backend, store, metadata["new_group_name"], desc,
                                 metadata.get("bound_device_id"))
         if metadata.get("backend_config") is not None:
             c10d._world.pg_backend_config[pg] = metadata["backend_config"]

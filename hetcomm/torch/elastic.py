@@ -46,7 +46,8 @@ from hetcomm import _native, rendezvous
 from hetcomm._capi import ffi, lib
 from hetcomm.comm import Communicator, connect_peers
 from hetcomm.torch import _build
-from hetcomm.torch.backend import BACKEND_NAME, handle_of, process_group_over, wrap_handle
+from hetcomm.torch.backend import BACKEND_NAME, handle_of, process_group_over, settings_of, wrap_handle
+from hetcomm.torch.intra import attach as attach_site_groups
 from hetcomm.torch.options import ProcessGroupOptions
 
 log = logging.getLogger("hetcomm.torch")
@@ -160,7 +161,7 @@ def _grow(store: Any, pg: Any, backend: Any, name: str, admitted: int, joining: 
     base = _keys(name)
     comm_name = _growth_name(name, admitted)
     settings = json.loads(backend.settings or "{}")
-    opts = ProcessGroupOptions(**settings).resolved()
+    opts = settings_of(backend)
     if timeout is not None:
         opts.timeout = float(timeout)
     if rank == 0:
@@ -192,6 +193,7 @@ def _grow(store: Any, pg: Any, backend: Any, name: str, admitted: int, joining: 
         lib.hc_comm_destroy(handle)
         raise
     grown = wrap_handle(handle, rank, new_size, opts, comm_name)
+    attach_site_groups(grown, store, opts)
     # The old group's communicator only fails ops now; its links live on in the grown one.
     c10d.destroy_process_group(pg)
     return _install_default(grown, store, comm_name)
@@ -226,6 +228,7 @@ def join_group(store: Any, *, name: str = "world", options: ProcessGroupOptions 
     communicator = Communicator(rank, size, store=store, name=comm_name, options=opts,
                                 _prefix=_rendezvous_prefix(comm_name))
     backend = wrap_handle(handle_of(communicator), rank, size, opts, comm_name)
+    attach_site_groups(backend, store, opts)
     log.info("%s: joined as rank %d of %d", comm_name, rank, size)
     return _install_default(backend, store, comm_name)
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from hetcomm import _native
 from hetcomm import comm as _comm
-from hetcomm._capi import lib
+from hetcomm._capi import ffi, lib
 from hetcomm.config import Options, env_str
 
 log = logging.getLogger("hetcomm.torch")
@@ -38,15 +39,17 @@ def intra_backend(opts: Options) -> str:
                      f"hetcomm, gloo, nccl, or a registered backend such as hccl (import torch_npu first)")
 
 
-def site_layout(communicator: _comm.Communicator) -> tuple[list[int], list[int], int]:
-    """(site index of every rank, position of every rank in its site, ranks per site or 0 if uneven)."""
-    size = communicator.size
-    site_of = [lib.hc_comm_site_of(communicator._live_handle(), r) for r in range(size)]
+def site_layout(handle: Any, size: int) -> tuple[list[int], list[int], int]:
+    """(site index of every rank, position of every rank in its site, ranks per site or 0 if uneven)
+    of the connected communicator ``handle`` of ``size`` ranks."""
+    site_of = [lib.hc_comm_site_of(handle, r) for r in range(size)]
+    ring = ffi.new("int[]", size)
+    _native.check(lib.hc_comm_ring_order(handle, ring, size))
     position_of = [0] * size
     members: dict[int, int] = {}
     # The ring visits a site's ranks in this order: positions follow it, as
     # in the core's hierarchical algorithm.
-    for r in communicator.ring_order():
+    for r in ring:
         position_of[r] = members.get(site_of[r], 0)
         members[site_of[r]] = position_of[r] + 1
     counts = set(members.values())
@@ -71,13 +74,30 @@ def _vendor_group(name: str, store: Any, rank: int, size: int, timeout: float) -
     return plugin.creator_fn(store, rank, size, delta)
 
 
-def attach(backend: Any, store: Any, name: str, opts: Options, intra: str,
-           layout: tuple[list[int], list[int], int]) -> bool:
-    """Gives ``backend`` its site group and column communicator; False where sites are uneven."""
+def attach(backend: Any, store: Any, opts: Options) -> bool:
+    """Gives ``backend`` (a HetcommBackend) its site group of the in-site library ``opts`` name and its
+    column communicator; False where that library is hetcomm itself or the sites are uneven.
+
+    Collective over the group: every member calls it with a store they share,
+    for a new group as for one made from another (shrunk, grown). The
+    subgroups meet in the store under the group's communicator name, so a
+    group's never meet its predecessor's. A failure aborts ``backend``.
+    """
+    intra = intra_backend(opts)
+    if intra == DEFAULT:
+        return False
+    try:
+        return _attach(backend, store, opts, intra)
+    except BaseException:
+        backend.abort()
+        raise
+
+
+def _attach(backend: Any, store: Any, opts: Options, intra: str) -> bool:
     from hetcomm.torch.backend import handle_of, wrap_handle
 
-    rank, size = backend.rank(), backend.size()
-    site_of, position_of, per_site = layout
+    name, rank, size = backend.comm_name, backend.rank(), backend.size()
+    site_of, position_of, per_site = site_layout(ffi.cast("hc_comm *", backend.comm_address), size)
     if not per_site:
         log.warning("%s: intra=%s needs the same number of ranks in every site (%s); every phase stays on "
                     "hetcomm", name, intra, site_of)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hetcomm.config import Options
+from hetcomm.config import Options, env_str
 
 
 @dataclass
@@ -26,3 +26,10 @@ class ProcessGroupOptions(Options):
     """
 
     intra: str | None = None
+
+    def resolved(self) -> "ProcessGroupOptions":
+        """A copy with every ``None`` replaced by the environment or the default, ``intra`` included
+        (so that a group's settings, which newcomers adopt, name its in-site library)."""
+        o = super().resolved()
+        o.intra = (o.intra or env_str("HETCOMM_INTRA", "hetcomm")).strip().lower()
+        return o

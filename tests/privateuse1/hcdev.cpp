@@ -48,6 +48,21 @@ std::atomic<int64_t> g_copy_h2d_async{0}, g_copy_h2d_sync{0}, g_copy_d2h_async{0
 
 // ---- streams: one FIFO worker thread each ---------------------------------
 
+// Runs a blocking wait with the GIL released when the caller holds it. A
+// stream's worker drops a finished job's tensors, and dropping the last C++
+// reference to a Python-owned tensor takes the GIL; a caller waiting on the
+// stream with the GIL held (Storage.resize_ from Python, which FSDP2 calls
+// to free and regrow parameters) would wait for a worker that waits for it.
+template <typename Wait>
+void wait_without_gil(Wait&& wait) {
+  if (Py_IsInitialized() && PyGILState_Check()) {
+    pybind11::gil_scoped_release no_gil;
+    wait();
+  } else {
+    wait();
+  }
+}
+
 class Queue {
  public:
   Queue() : worker_([this] { run(); }) {}
@@ -68,9 +83,11 @@ class Queue {
     cv_.notify_all();
   }
   void drain() {
-    std::unique_lock<std::mutex> g(mu_);
-    uint64_t target = queued_;
-    cv_.wait(g, [&] { return done_ >= target; });
+    wait_without_gil([this] {
+      std::unique_lock<std::mutex> g(mu_);
+      uint64_t target = queued_;
+      cv_.wait(g, [&] { return done_ >= target; });
+    });
   }
   bool idle() {
     std::lock_guard<std::mutex> g(mu_);
@@ -92,8 +109,8 @@ class Queue {
       jobs_.pop_front();
       g.unlock();
       fn();
-      // The job's tensors are released before it counts as done (a waiter
-      // may hold the GIL that freeing a Python-owned tensor needs).
+      // The job's tensors are released before it counts as done, so that a
+      // synchronised stream holds no reference to them any more.
       fn = nullptr;
       g.lock();
       ++done_;
@@ -131,8 +148,10 @@ struct Event {
   std::condition_variable cv;
   uint64_t recorded = 0, reached = 0;
   void wait_for(uint64_t v) {
-    std::unique_lock<std::mutex> g(mu);
-    cv.wait(g, [&] { return reached >= v; });
+    wait_without_gil([&] {
+      std::unique_lock<std::mutex> g(mu);
+      cv.wait(g, [&] { return reached >= v; });
+    });
   }
 };
 using EventRef = std::shared_ptr<Event>;
