@@ -130,11 +130,13 @@ static int chunk_share(hc_exec *x, hier *h, const hier_chunk *k) {
 }
 
 /*
- * Software pipeline: in round t, stage s works on chunk t-s, latest stage
- * first. A stage only receives what its peers sent in the round before
- * (across sites) or in the same stage (inside the site), and every rank
- * runs the same rounds, so each link carries its messages in the order they
- * are asked for.
+ * Software pipeline: in round t, stage s works on chunk t-s. A stage only
+ * receives what its peers sent in the round before (across sites) or in the
+ * same stage (inside the site), and every rank runs the same rounds, so each
+ * link carries its messages in the order they are asked for. Stages run
+ * first to last: a round puts its new chunk on the WAN before it waits for
+ * what the last round sent, so the link never drains between rounds (last
+ * stage first measured 20% slower than unpipelined at 100 Mbit/s).
  */
 static int allreduce_pipelined(hc_exec *x, hier *h) {
     int stages = 2 * h->nsites - 1;
@@ -149,7 +151,7 @@ static int allreduce_pipelined(hc_exec *x, hier *h) {
     if (!arena) return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for %zu encoded bytes", x->comm->rank, arena_bytes);
     int rc = HC_OK;
     for (size_t t = 0; rc == HC_OK && t < nchunks + (size_t)stages - 1; t++)
-        for (int s = stages - 1; rc == HC_OK && s >= 0; s--) {
+        for (int s = 0; rc == HC_OK && s < stages; s++) {
             if (t < (size_t)s || t - (size_t)s >= nchunks) continue;
             hier_chunk *k = &live[(t - (size_t)s) % (size_t)stages];
             if (s == 0) {
