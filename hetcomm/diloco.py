@@ -17,7 +17,10 @@ mixed with the local ones that moved on meanwhile.
 Every rank holds bit-identical outer parameters: the compressed allreduce
 ends bit-identical on all ranks and the outer update is the same arithmetic
 on the same bits. Membership changes (a site dropped or back) go through
-:meth:`DiLoCo.on_membership_change`.
+:meth:`DiLoCo.on_membership_change`; with ``elastic=True`` a sync that fails
+because a site was lost shrinks the outer group past it (the survivors
+average without it), and :meth:`DiLoCo.grow_if_pending` takes a restarted
+site back at a step boundary with the current outer state.
 """
 from __future__ import annotations
 
@@ -110,6 +113,10 @@ class DiLoCo:
         group: the outer process group (default: the default group); the
             pseudo-gradient is averaged over its ranks, so every site should
             have the same number of ranks in it.
+        elastic: when a sync fails because ranks of the outer group were
+            lost (a site went down), shrink the group past them
+            (``hetcomm.torch.shrink_lost``) and redo the sync on the
+            survivors, instead of raising. Needs a "hetcomm" outer group.
 
     Example::
 
@@ -125,7 +132,7 @@ class DiLoCo:
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, *, inner_steps: int = 50,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True, codec: str = "int4",
                  error_feedback: bool = True, fragments: int = 1, overlap_steps: int = 0, mix: float = 0.5,
-                 group: Any = None) -> None:
+                 group: Any = None, elastic: bool = False) -> None:
         if inner_steps < 1:
             raise ValueError(f"DiLoCo: inner_steps must be at least 1, got {inner_steps}")
         if not 1 <= fragments <= inner_steps:
@@ -137,7 +144,7 @@ class DiLoCo:
         self.inner_optimizer = inner_optimizer
         self.inner_steps, self.outer_lr, self.outer_momentum, self.nesterov = inner_steps, outer_lr, outer_momentum, nesterov
         self.codec, self.code, self.error_feedback = codec, codec_code(codec), error_feedback
-        self.overlap_steps, self.mix = overlap_steps, mix
+        self.overlap_steps, self.mix, self.elastic = overlap_steps, mix, elastic
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("DiLoCo: the model has no trainable parameters")
@@ -148,8 +155,11 @@ class DiLoCo:
                                             offset=i * inner_steps // fragments))
         self.step_count = 0
         self.outer_steps = 0
-        # Every site starts from rank 0's parameters.
+        # Every site starts from rank 0's parameters (a site joining a running
+        # job after hetcomm.torch.join_group: from the current outer state).
         self.on_membership_change(group, source_rank=0)
+        if elastic and self.backend is None:
+            raise ValueError("DiLoCo: elastic=True needs a 'hetcomm' outer group")
 
     # ---- the training loop -----------------------------------------------------
 
@@ -162,7 +172,7 @@ class DiLoCo:
                 self._apply(frag, self.mix)
         for frag in self.fragments:
             if frag.work is None and (self.step_count - frag.offset) % self.inner_steps == 0:
-                self._launch(frag)
+                self._start(frag)
                 if self.overlap_steps == 0:
                     self._apply(frag, 0.0)
 
@@ -171,7 +181,7 @@ class DiLoCo:
         for frag in self.fragments:
             if frag.work is not None:
                 self._apply(frag, self.mix)
-            self._launch(frag)
+            self._start(frag)
             self._apply(frag, 0.0)
 
     # ---- membership ---------------------------------------------------------------
@@ -184,8 +194,10 @@ class DiLoCo:
         outer step is simply left out of that average. With ``source_rank``
         (a group rank that holds current state, e.g. a survivor), the outer
         parameters and momentum are broadcast from it and every rank restarts
-        from them: how a site that comes back rejoins. Error-feedback
-        residuals restart empty (they live in the group's communicator).
+        from them, with the step counters (so every rank syncs the same
+        fragments at the same steps): how a site that comes back rejoins.
+        Error-feedback residuals restart empty (they live in the group's
+        communicator).
         """
         self.group = group if group is not None else dist.distributed_c10d._get_default_group()
         self.backend = self._hetcomm_backend(self.group)
@@ -199,12 +211,35 @@ class DiLoCo:
         if source_rank is None:
             return
         src = dist.get_global_rank(self.group, source_rank)
+        counters = torch.tensor([self.step_count, self.outer_steps], dtype=torch.int64)
+        dist.broadcast(counters, src, group=self.group)
+        self.step_count, self.outer_steps = (int(v) for v in counters)
         for frag in self.fragments:
             dist.broadcast(frag.outer, src, group=self.group)
             dist.broadcast(frag.momentum, src, group=self.group)
             _assign(frag.params, frag.outer)
         log.info("DiLoCo: outer group now has %d ranks; state taken from its rank %d",
                  dist.get_world_size(self.group), source_rank)
+
+    def grow_if_pending(self, store: Any, *, name: str = "world", wait_for: int = 0,
+                        timeout: float | None = None) -> bool:
+        """At a step boundary, on every rank of the outer group: takes back the sites waiting to join.
+
+        ``hetcomm.torch.grow_if_pending`` on the outer group (which must be
+        the default group); when it grew, the outer parameters, momentum and
+        step counters go from rank 0 to every rank (the newcomers receive
+        them in their own ``DiLoCo(...)``, made after
+        ``hetcomm.torch.join_group(store, name=name)``). One small broadcast
+        when nobody waits: call it at outer-step boundaries. Returns whether
+        the group grew.
+        """
+        from hetcomm.torch import elastic
+
+        grown = elastic.grow_if_pending(store, self.group, name=name, wait_for=wait_for, timeout=timeout)
+        if grown is None:
+            return False
+        self.on_membership_change(grown, source_rank=0)
+        return True
 
     # ---- internals ------------------------------------------------------------------
 
@@ -215,6 +250,27 @@ class DiLoCo:
         from hetcomm.torch.hooks import _backend_of
 
         return _backend_of(group, torch.device("cpu"))
+
+    def _start(self, frag: _Fragment) -> None:
+        try:
+            self._launch(frag)
+        except RuntimeError as exc:
+            self._recover(frag, exc)
+
+    def _recover(self, frag: _Fragment, exc: RuntimeError) -> None:
+        """A sync failed. With ``elastic`` and ranks of the outer group lost: shrinks the
+        group past them and starts the fragment's sync again on the survivors."""
+        if not self.elastic:
+            raise exc
+        from hetcomm.torch import elastic
+
+        if not elastic.failed_ranks(self.group):
+            raise exc
+        before = dist.get_world_size(self.group)
+        self.on_membership_change(elastic.shrink_lost(self.group), source_rank=None)
+        log.warning("DiLoCo: a sync failed (%s); outer group shrunk from %d to %d ranks, syncing without the lost ones",
+                    exc, before, dist.get_world_size(self.group))
+        self._launch(frag)
 
     def _launch(self, frag: _Fragment) -> None:
         """Starts averaging the fragment's pseudo-gradient (outer - local) across the outer group."""
@@ -230,7 +286,12 @@ class DiLoCo:
     def _apply(self, frag: _Fragment, mix: float) -> None:
         """Waits for the fragment's average, takes one outer step, and sets the local
         parameters to ``mix * local + (1 - mix) * outer``."""
-        frag.work.wait()
+        while True:
+            try:
+                frag.work.wait()
+                break
+            except RuntimeError as exc:
+                self._recover(frag, exc)
         frag.work = None
         if self.backend is None:
             frag.delta.div_(dist.get_world_size(self.group))

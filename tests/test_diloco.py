@@ -164,3 +164,83 @@ def test_membership_change_leaves_out_and_rejoins():
     results = run_ranks(_drop_and_rejoin, 2, timeout=200)
     assert results[0][0] == results[1][0]
     assert results[0][1] == 0.0
+
+
+def _site_down_and_back(rank: int, ws: int, port: int) -> dict:
+    """Sites a (rank 0) and b (rank 1) train with DiLoCo; b is SIGKILLed during
+    inner steps; a finishes that outer step alone; b restarts (rank 2 here)
+    and rejoins with the current outer state; both end bit-identical."""
+    import os
+    import signal
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import hetcomm.torch as ht
+    from hetcomm.diloco import DiLoCo, _flat
+
+    H, lost_at, back_at, end = 4, 6, 12, 16
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    os.environ["HETCOMM_SITE"] = "dc-a" if rank == 0 else "dc-b"
+    torch.manual_seed(rank)  # different weights everywhere: each start takes the outer state
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    kw = dict(inner_steps=H, codec="int8", outer_lr=1.0, outer_momentum=0.0, elastic=True)
+    out: dict = {}
+    if rank < 2:
+        dist.init_process_group("hetcomm", store=dist.PrefixStore("job", store), rank=rank, world_size=2,
+                                timeout=timedelta(seconds=60))
+        diloco = DiLoCo(model, opt, **kw)
+    else:
+        store.wait(["site-b-down"], timedelta(seconds=60))  # restarted after the loss was seen
+        ht.join_group(store, timeout=60)
+        diloco = DiLoCo(model, opt, **kw)
+        frag = diloco.fragments[0]
+        out["joined_at"] = diloco.step_count
+        out["joined_outer"] = frag.outer.numpy().tobytes()
+        out["params_are_outer"] = torch.equal(_flat(frag.params), frag.outer)
+    local_after_inner: list[torch.Tensor] = []
+    opt.register_step_post_hook(lambda *_: local_after_inner.append(_flat(model.parameters())))
+    data = torch.Generator().manual_seed(100 + rank)
+    w = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    while diloco.step_count < end:
+        if rank == 1 and diloco.step_count == lost_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # site b loses power in the middle of an outer period
+        x = torch.randn(16, 12, generator=data)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), (x @ w).argmax(1)).backward()
+        outer_before = diloco.fragments[0].outer.clone()
+        diloco.step()
+        if rank == 0 and diloco.step_count == 2 * H:  # the outer step site b dropped out of
+            # outer - (outer - local) with outer lr 1: rank 0's pseudo-gradient alone, bit for bit.
+            expected = outer_before.sub(outer_before - local_after_inner[-1])
+            out["alone_exact"] = torch.equal(diloco.fragments[0].outer, expected)
+            out["size_after_loss"] = dist.get_world_size(diloco.group)
+            store.set("site-b-down", "1")
+        if rank == 0 and diloco.step_count == back_at:
+            assert diloco.grow_if_pending(store, wait_for=1, timeout=60)
+            out["outer_at_join"] = diloco.fragments[0].outer.numpy().tobytes()
+    diloco.finish()
+    out["size"] = dist.get_world_size(diloco.group)
+    out["final"] = (_flat(model.parameters()).numpy().tobytes(), diloco.outer_steps)
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_site_lost_in_inner_steps_is_left_out_and_rejoins_with_current_outer_state():
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from torch_ranks import free_port
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                           timeout=timedelta(seconds=60))
+    a, _, b = run_ranks(_site_down_and_back, 3, port, lost=[1], timeout=200)
+    del server
+    assert a["size_after_loss"] == 1 and a["alone_exact"]
+    assert b["joined_at"] == 12 and b["params_are_outer"]
+    assert b["joined_outer"] == a["outer_at_join"]  # the current outer parameters, not a stale copy
+    assert a["size"] == b["size"] == 2
+    assert a["final"] == b["final"]  # trained on together: bit-identical parameters and outer step count
