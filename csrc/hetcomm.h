@@ -190,6 +190,9 @@ typedef struct hc_config {
     int spin_us;               /* small collectives on one host: busy-wait this long for a
                                   peer before sleeping on a futex; -1: auto (30 when the
                                   host has a core per rank, else 0) */
+    int cma_enable;            /* 1: large collectives between ranks of one host read the
+                                  peers' buffers directly (process_vm_readv), falling back to
+                                  the lanes where the kernel refuses; must match on all ranks */
 } hc_config;
 
 /* Fills defaults: one stream, 2 MiB chunks, 64 KiB small threshold, 300 s
