@@ -53,6 +53,13 @@ def _ops(dtype) -> list[str]:
     return ["sum", "max", "avg"] if dtype == np.float32 else ["sum", "max"]
 
 
+def _counts(dtype) -> list[int]:
+    """Above the threshold by an odd count that no rank count divides; for
+    float32 also just below it (the rings)."""
+    es = np.dtype(dtype).itemsize
+    return [MIN_BYTES // es - 1, MIN_BYTES // es + 7] if dtype == np.float32 else [MIN_BYTES // es + 7]
+
+
 def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
     """Every collective of the path against numpy; returns digests, the calls
     that should have taken the path and those that did."""
@@ -64,9 +71,7 @@ def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
     with hetcomm.Communicator(rank, size, timeout=60) as comm:
         for dtype in DTYPES:
             es = np.dtype(dtype).itemsize
-            # just below the threshold (rings), and above it by an odd count
-            # that no rank count divides
-            for count in (MIN_BYTES // es - 1, MIN_BYTES // es + 7):
+            for count in _counts(dtype):
                 big = count * es >= MIN_BYTES
                 for op in _ops(dtype):
                     tag = (np.dtype(dtype).name, op, count)
@@ -113,7 +118,7 @@ def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("world_size", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_large_collectives_match_numpy_and_read_peers_directly(world_size):
     results = run_ranks(_matrix, world_size, timeout=160)
     for rank, (_, expected, took) in enumerate(results):
@@ -124,11 +129,11 @@ def test_large_collectives_match_numpy_and_read_peers_directly(world_size):
 
 @pytest.mark.timeout(180)
 def test_lanes_forced_on_give_the_same_results():
-    direct = run_ranks(_matrix, 3, timeout=160)
+    """The same matrix, every result checked against numpy (exactly: the
+    inputs are small integers), with the path turned off."""
     lanes = run_ranks(_matrix, 3, timeout=160, env={"HETCOMM_CMA": "0"})
     for rank in range(3):
         assert lanes[rank][2] == 0, f"rank {rank} read peers directly with HETCOMM_CMA=0"
-        assert lanes[rank][0] == direct[rank][0]
 
 
 def _random_floats(rank: int, size: int) -> list[str]:
@@ -147,7 +152,7 @@ def _random_floats(rank: int, size: int) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("world_size", [3, 4])
+@pytest.mark.parametrize("world_size", [3, pytest.param(4, marks=pytest.mark.slow)])
 def test_random_floats_end_bit_identical(world_size):
     results = run_ranks(_random_floats, world_size, timeout=100)
     assert all(r == results[0] for r in results)
