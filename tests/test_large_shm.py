@@ -213,31 +213,42 @@ def test_refused_reads_fall_back_to_the_lanes_with_one_warning():
     assert "rank 1's memory" in results[0][1][0]
 
 
-def _die_mid_allreduce(rank: int, size: int) -> str:
+def _die_mid_allreduce(rank: int, size: int) -> tuple[str, bool, int]:
+    """Rank 2 dies in the middle of a large allreduce; the survivors shrink
+    and run large collectives on the same path again."""
     import hetcomm
 
+    notes = _watch_path()
     comm = hetcomm.Communicator(rank, size, timeout=60)
+    buf = np.ones(16 << 18, np.float32)  # 16 MiB
+    comm.allreduce(buf)
+    comm.barrier()
+    if rank == 2:  # dies in the middle of one of the next allreduces
+        threading.Timer(0.05, os._exit, args=(3,)).start()
+    error = "no error"
     try:
-        buf = np.ones(16 << 18, np.float32)  # 16 MiB
-        comm.allreduce(buf)
-        comm.barrier()
-        if rank == 2:  # dies in the middle of one of the next allreduces
-            threading.Timer(0.05, os._exit, args=(3,)).start()
         for _ in range(200):
             comm.allreduce(buf)
     except hetcomm.HetcommError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        comm.close()
-    return "no error"
+        error = f"{type(exc).__name__}: {exc}"
+    new = comm.shrink(comm.failed_ranks(timeout=10))
+    before = notes.count
+    x = np.full(MIN_BYTES // 4 + 1, new.rank + 1, np.float32)
+    new.allreduce(x)
+    g = new.allgather(np.full(MIN_BYTES // 4, new.rank, np.int32))
+    ok = bool(np.all(x == 3)) and all(bool(np.all(g[r] == r)) for r in range(new.size))
+    new.close()
+    comm.close()
+    return error, ok, notes.count - before
 
 
 @pytest.mark.timeout(60)
 def test_rank_killed_mid_large_allreduce_is_peer_lost_on_survivors():
     results = run_ranks(_die_mid_allreduce, 3, timeout=50, allow_failures=True)
     assert "exited with code 3" in results[2]
-    for text in results[:2]:
-        assert text.startswith("PeerLostError") and "rank 2" in text, text
+    for error, ok, took in results[:2]:
+        assert error.startswith("PeerLostError") and "rank 2" in error, error
+        assert ok and took == 2, (ok, took)
 
 
 def _torch_large(rank: int, size: int) -> list:
