@@ -12,14 +12,13 @@ survivors, never a hang.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import threading
 
 import numpy as np
 import pytest
 
-from harness import run_ranks
+from harness import run_ranks, watch_log
 from test_collectives import digest, exact_input, reference
 
 PATH_NOTE = "single copy from the peers' buffers"
@@ -27,24 +26,8 @@ MIN_BYTES = 1 << 20  # the path's threshold (MIN_BYTES in single_copy.c)
 DTYPES = [np.float32, np.float64, np.float16, np.int8, np.int64, np.bool_]
 
 
-class _Notes(logging.Handler):
-    """Counts the core's debug lines that say a collective read its peers' buffers."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if PATH_NOTE in record.getMessage():
-            self.count += 1
-
-
-def _watch_path() -> _Notes:
-    notes = _Notes()
-    log = logging.getLogger("hetcomm")
-    log.addHandler(notes)
-    log.setLevel(logging.DEBUG)
-    return notes
+def _watch_path():
+    return watch_log(PATH_NOTE)
 
 
 def _ops(dtype) -> list[str]:
@@ -184,14 +167,7 @@ def _refused(rank: int, size: int) -> tuple[int, list[str], bool]:
     if rank == 1:
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
     notes = _watch_path()
-    warned = []
-
-    class Warnings(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "cannot read" in record.getMessage():
-                warned.append(record.getMessage())
-
-    logging.getLogger("hetcomm").addHandler(Warnings())
+    warned = watch_log("cannot read").messages
     ok = True
     with hetcomm.Communicator(rank, size, timeout=60) as comm:
         for _ in range(2):

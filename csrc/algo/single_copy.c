@@ -53,19 +53,14 @@ typedef struct sc_addr {
 
 int hc_single_copy_fits(const hc_comm *c, const hc_op *op) {
     if (!c->cfg.cma_enable || c->size < 2 || c->nsites != 1 || op->codec != HC_CODEC_NONE || !*c->host) return 0;
-    size_t bytes = op->count * hc_dtype_size(op->dtype);
-    switch (op->kind) {
-    case HC_OP_ALLREDUCE: {
-        int algo = op->opts.algo != HC_ALGO_AUTO ? op->opts.algo : c->cfg.algo;
-        if (algo != HC_ALGO_AUTO) return 0; /* an algorithm asked for by name runs as asked */
-        break;
-    }
-    case HC_OP_ALLGATHER:
-    case HC_OP_REDUCE_SCATTER: bytes *= (size_t)c->size; break;
-    case HC_OP_BROADCAST: break;
-    default: return 0;
-    }
-    if (bytes < MIN_BYTES || bytes < c->cfg.small_bytes) return 0;
+    /* An allreduce algorithm asked for by name runs as asked. */
+    int named = (op->opts.algo != HC_ALGO_AUTO ? op->opts.algo : c->cfg.algo) != HC_ALGO_AUTO;
+    size_t part = op->count * hc_dtype_size(op->dtype), whole;
+    if (op->kind == HC_OP_ALLREDUCE && !named) whole = part;
+    else if (op->kind == HC_OP_BROADCAST) whole = part;
+    else if (op->kind == HC_OP_ALLGATHER || op->kind == HC_OP_REDUCE_SCATTER) whole = part * (size_t)c->size;
+    else return 0;
+    if (whole < MIN_BYTES || whole < c->cfg.small_bytes) return 0;
     for (int r = 0; r < c->size; r++)
         if (r != c->rank && (!c->peers[r].host || strcmp(c->peers[r].host, c->host) != 0)) return 0;
     return 1;
