@@ -260,3 +260,36 @@ def test_torch_large_allreduce_and_allgather(world_size):
 
     results = torch_ranks.run_ranks(_torch_large, world_size, timeout=200)
     assert all(r == (True, 4) for r in results), results
+
+
+def _mismatched(rank: int, size: int, case: str) -> str:
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=20, options=hetcomm.Options(cma=not (case == "paths" and rank == 0)))
+    try:
+        if case == "count":
+            comm.allreduce(np.ones(MIN_BYTES // 4 + (rank == 1), np.float32))
+        elif case == "kind":
+            if rank == 0:
+                comm.allgather(np.ones(MIN_BYTES // 4 // size, np.float32))
+            else:
+                comm.allreduce(np.ones(MIN_BYTES // 4, np.float32))
+        else:  # rank 0 has the path off: it runs the rings
+            comm.allreduce(np.ones(MIN_BYTES // 4, np.float32))
+        comm.barrier()
+    except hetcomm.HetcommError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        comm.close()
+    return "no error"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["count", "kind", "paths"])
+def test_mismatched_large_calls_fail_on_every_rank(case):
+    results = run_ranks(_mismatched, 3, case, timeout=50)
+    for rank, text in enumerate(results):
+        assert text.split(":")[0] in ("MismatchError", "AbortedError"), f"rank {rank}: {text}"
+    assert any(text.startswith("MismatchError") for text in results), results
+    if case == "paths":
+        assert any("HETCOMM_CMA" in text for text in results), results

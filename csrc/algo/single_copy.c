@@ -101,6 +101,31 @@ static int recv_all(hc_exec *x, void *msgs, size_t len) {
     return HC_OK;
 }
 
+/* The peers' ADDR messages. A peer that sends something else runs this
+ * collective on the rings: the calls agree (the headers were checked), so
+ * the settings differ. */
+static int recv_addrs(hc_exec *x, sc_addr *a) {
+    hc_comm *c = x->comm;
+    for (int k = 1; k < c->size; k++) {
+        int r = (c->rank + k) % c->size;
+        hc_msg *m;
+        int rc = hc_xrecv(x, r, &m);
+        if (rc != HC_OK) return rc;
+        if (m->len == sizeof *a) {
+            memcpy(&a[r], m->data, sizeof *a);
+        } else {
+            char who[160];
+            rc = hc_xfail(x, HC_ERR_MISMATCH,
+                          "%s ran %s #%" PRIu64 " over the rings while rank %d read its peers' buffers directly: "
+                          "HETCOMM_CMA or HETCOMM_SMALL_BYTES differ across ranks",
+                          hc_peer_desc(c, r, who, sizeof who), hc_op_kind_name(x->op->kind), x->op->seq, c->rank);
+        }
+        hc_xrelease(x, m);
+        if (rc != HC_OK) return rc;
+    }
+    return HC_OK;
+}
+
 /* Copies `len` bytes at `remote` in rank r's process to `dst`. */
 static int read_peer(hc_exec *x, int r, const sc_addr *a, void *dst, uint64_t remote, size_t len) {
     int e = hc_cma_read(a->pid, dst, remote, len);
@@ -241,7 +266,7 @@ int hc_single_copy_run(hc_exec *x) {
                     (uint64_t)(uintptr_t)op->recvbuf, (uint64_t)(uintptr_t)&c->cma_proof, c->cma_proof};
     a[c->rank] = mine;
     int rc = send_all(x, &mine, sizeof mine);
-    if (rc == HC_OK) rc = recv_all(x, a, sizeof mine);
+    if (rc == HC_OK) rc = recv_addrs(x, a);
     if (rc == HC_OK && c->cma_state == STATE_UNTRIED) rc = agree_on_path(x, a);
     if (rc != HC_OK) return rc;
     int usable = c->cma_state == STATE_WORKS;
