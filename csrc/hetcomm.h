@@ -197,8 +197,9 @@ typedef struct hc_config {
 
 /* Fills defaults: one stream, 2 MiB chunks, 64 KiB small threshold, 300 s
  * timeout, 5 s heartbeat, no codec, no CURVE, 16 MiB shared-memory lanes to
- * peers on the same host (their `host` equal to ours) and site. rank and
- * size are -1. */
+ * peers on the same host (their `host` equal to ours) and site, large
+ * collectives among ranks of one host reading each other's buffers
+ * (cma_enable). rank and size are -1. */
 void hc_config_init(hc_config *cfg);
 
 int hc_comm_create(const hc_config *cfg, hc_comm **out);
