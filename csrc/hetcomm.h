@@ -190,12 +190,16 @@ typedef struct hc_config {
     int spin_us;               /* small collectives on one host: busy-wait this long for a
                                   peer before sleeping on a futex; -1: auto (30 when the
                                   host has a core per rank, else 0) */
+    int cma_enable;            /* 1: large collectives between ranks of one host read the
+                                  peers' buffers directly (process_vm_readv), falling back to
+                                  the lanes where the kernel refuses; must match on all ranks */
 } hc_config;
 
 /* Fills defaults: one stream, 2 MiB chunks, 64 KiB small threshold, 300 s
  * timeout, 5 s heartbeat, no codec, no CURVE, 16 MiB shared-memory lanes to
- * peers on the same host (their `host` equal to ours) and site. rank and
- * size are -1. */
+ * peers on the same host (their `host` equal to ours) and site, large
+ * collectives among ranks of one host reading each other's buffers
+ * (cma_enable). rank and size are -1. */
 void hc_config_init(hc_config *cfg);
 
 int hc_comm_create(const hc_config *cfg, hc_comm **out);

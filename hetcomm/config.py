@@ -133,6 +133,7 @@ class Options:
     shm: bool | None = None               # shared-memory lanes on one host (HETCOMM_SHM)
     shm_bytes: int | None = None          # bytes per lane (HETCOMM_SHM_BYTES)
     spin_us: int | None = None            # small ops on one host: busy-wait before sleeping, -1 auto (HETCOMM_SPIN_US)
+    cma: bool | None = None               # large ops on one host read peers' buffers directly (HETCOMM_CMA)
     curve: bool | None = None             # CurveZMQ between sites; default: on when a secret is set (HETCOMM_CURVE)
     curve_secret: str | None = None       # this rank's NAME.key_secret from `hetcomm keygen` (HETCOMM_CURVE_SECRET)
     curve_allow: str | None = None        # directory of trusted public *.key files (HETCOMM_CURVE_ALLOW)
@@ -172,6 +173,8 @@ class Options:
             o.shm = env_bool("HETCOMM_SHM", True)
         o.shm_bytes = parse_size(o.shm_bytes) if o.shm_bytes is not None else env_int("HETCOMM_SHM_BYTES", 16 << 20)
         o.spin_us = o.spin_us if o.spin_us is not None else env_int("HETCOMM_SPIN_US", -1)
+        if o.cma is None:
+            o.cma = env_bool("HETCOMM_CMA", True)
         o.curve_secret = o.curve_secret or env_str("HETCOMM_CURVE_SECRET")
         o.curve_allow = o.curve_allow or env_str("HETCOMM_CURVE_ALLOW")
         if o.curve is None:

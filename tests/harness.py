@@ -5,6 +5,7 @@ test fails, so a hang is a failure, never a stuck CI job.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -118,3 +119,31 @@ class RankError(str):
 class RankExited(str):
     def __new__(cls, code: int | None) -> "RankExited":
         return super().__new__(cls, f"exited with code {code} without reporting")
+
+
+class LogNotes(logging.Handler):
+    """Keeps the "hetcomm" log records (the core's included) that contain
+    ``phrase``, e.g. the debug line saying which path a collective took."""
+
+    def __init__(self, phrase: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.phrase = phrase
+        self.messages: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.messages)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.phrase in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+def watch_log(phrase: str) -> LogNotes:
+    """Starts keeping the "hetcomm" log records containing ``phrase`` (the
+    logger goes to DEBUG; call it before creating the communicator)."""
+    notes = LogNotes(phrase)
+    log = logging.getLogger("hetcomm")
+    log.addHandler(notes)
+    log.setLevel(logging.DEBUG)
+    return notes

@@ -198,6 +198,8 @@ struct hc_comm {
     int nsites;
     size_t wan_in_flight; /* agreed at connect: bytes one trip across the WAN holds (0: unknown) */
     int small_shm;          /* agreed at connect: every pair of ranks has mailboxes */
+    int cma_state;          /* large ops on one host read peers' memory: 0 untried, 1 works, -1 refused (algo/single_copy.c) */
+    uint64_t cma_proof;     /* a word peers read to show they reach this process */
     int *ring;              /* ring order: ranks with sites kept adjacent */
     int ring_pos;           /* this rank's index in ring */
 
@@ -483,6 +485,11 @@ int hc_small_check_mailboxes(hc_comm *comm, hc_op *op);
 #define HC_SMALL_CHECK_MS 5
 /* This rank has working mailboxes both ways with every peer. */
 int hc_small_links_ok(const hc_comm *comm);
+
+/* Large collectives between ranks of one host, read straight from the
+ * peers' buffers (cross-memory attach): whether this op goes there, and the run. */
+int hc_single_copy_fits(const hc_comm *comm, const hc_op *op);
+int hc_single_copy_run(hc_exec *x);
 
 /* Splits `count` elements into `parts` nearly equal runs: the start of run i. */
 static inline size_t hc_split(size_t count, int parts, int i) {

@@ -62,6 +62,7 @@ void hc_config_init(hc_config *cfg) {
     cfg->shm_bytes = 16u << 20;
     cfg->heartbeat_ms = 5000;
     cfg->spin_us = -1;
+    cfg->cma_enable = 1;
 }
 
 void hc_call_opts_init(hc_call_opts *opts) {

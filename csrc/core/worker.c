@@ -11,6 +11,7 @@
 
 static int run_algorithm(hc_exec *x) {
     if (hc_small_fits(x->comm, x->op)) return hc_small_run(x);
+    if (hc_single_copy_fits(x->comm, x->op)) return hc_single_copy_run(x);
     switch (x->op->kind) {
     case HC_OP_ALLREDUCE: return hc_allreduce_run(x);
     case HC_OP_BROADCAST: return hc_broadcast_run(x);

@@ -1,0 +1,291 @@
+/*
+ * Large collectives between ranks of one host with one copy per byte: each
+ * rank reads its peers' buffers directly (transport/cma.h) instead of the
+ * peer copying into a shared-memory lane and this rank copying out of it.
+ *
+ * Allreduce: rank i owns run i of the buffer (hc_split). It reads the
+ * peers' inputs of that run block by block into a cache-sized scratch and
+ * folds them into its output, then says READY; every rank then reads each
+ * owner's finished run straight from the owner's output into its own. Only
+ * the owner reduces a run, so all ranks end with the owner's bits.
+ * Allgather reads each peer's input into place; reduce_scatter folds the
+ * peers' blocks of this rank; broadcast reads the root's buffer.
+ *
+ * The small control messages (ADDR: where this rank's buffers are; READY;
+ * DONE) go over the sockets as ordinary messages of the op, so a mismatched
+ * call, an abort, a timeout or a lost peer fail the op as on any other path.
+ * No rank returns before every peer said DONE: until then its buffers may
+ * still be read.
+ *
+ * The first such op of a communicator proves the path: every rank reads a
+ * word from every peer, compares it with what the peer published, and all
+ * ranks exchange their verdicts, so they all take the same path from then
+ * on. Where the kernel refuses (seccomp, Yama, another user, another PID
+ * namespace) they use the rings over the lanes, with one warning.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/internal.h"
+#include "transport/cma.h"
+
+/* Below this a collective stays on the rings (and, smaller still, the mailboxes). */
+#define MIN_BYTES (1u << 20)
+/* Peers' pieces are folded in blocks this size: read into scratch and
+ * reduced while the scratch and the output block are still in L2. */
+#define BLOCK_BYTES (128u << 10)
+#define ADDR_MAGIC 0x5944414d43434831ull /* "1HCCMADY" */
+
+enum { STATE_UNTRIED = 0, STATE_WORKS = 1, STATE_REFUSED = -1 };
+
+/* What a rank tells its peers at the start of the op. */
+typedef struct sc_addr {
+    uint64_t magic;
+    int32_t pid;
+    uint32_t usable; /* 0: this rank's buffers overlap in a way the path cannot handle */
+    uint64_t in, out;
+    uint64_t proof_addr, proof; /* a word in this process and the value it holds */
+} sc_addr;
+
+int hc_single_copy_fits(const hc_comm *c, const hc_op *op) {
+    if (!c->cfg.cma_enable || c->size < 2 || c->nsites != 1 || op->codec != HC_CODEC_NONE || !*c->host) return 0;
+    /* An allreduce algorithm asked for by name runs as asked. */
+    int named = (op->opts.algo != HC_ALGO_AUTO ? op->opts.algo : c->cfg.algo) != HC_ALGO_AUTO;
+    size_t part = op->count * hc_dtype_size(op->dtype), whole;
+    if (op->kind == HC_OP_ALLREDUCE && !named) whole = part;
+    else if (op->kind == HC_OP_BROADCAST) whole = part;
+    else if (op->kind == HC_OP_ALLGATHER || op->kind == HC_OP_REDUCE_SCATTER) whole = part * (size_t)c->size;
+    else return 0;
+    if (whole < MIN_BYTES || whole < c->cfg.small_bytes) return 0;
+    for (int r = 0; r < c->size; r++)
+        if (r != c->rank && (!c->peers[r].host || strcmp(c->peers[r].host, c->host) != 0)) return 0;
+    return 1;
+}
+
+static int overlaps(const void *a, size_t alen, const void *b, size_t blen) {
+    const char *p = a, *q = b;
+    return alen && blen && p < q + blen && q < p + alen;
+}
+
+/* Whether this rank's buffers allow the path: the parts peers read must not
+ * be written by this rank during the op. */
+static int buffers_usable(const hc_comm *c, const hc_op *op) {
+    size_t es = hc_dtype_size(op->dtype), part = op->count * es, n = (size_t)c->size;
+    const char *in = op->sendbuf, *out = op->recvbuf;
+    switch (op->kind) {
+    case HC_OP_ALLREDUCE: return in == out || !overlaps(in, part, out, part);
+    case HC_OP_ALLGATHER: return in == out + (size_t)c->rank * part || !overlaps(in, part, out, part * n);
+    case HC_OP_REDUCE_SCATTER: return out == in + (size_t)c->rank * part || !overlaps(in, part * n, out, part);
+    default: return 1;
+    }
+}
+
+static int send_all(hc_exec *x, const void *msg, size_t len) {
+    for (int k = 1; k < x->comm->size; k++) {
+        int rc = hc_xsend_copy(x, (x->comm->rank + k) % x->comm->size, msg, len);
+        if (rc != HC_OK) return rc;
+    }
+    return HC_OK;
+}
+
+static int recv_all(hc_exec *x, void *msgs, size_t len) {
+    for (int k = 1; k < x->comm->size; k++) {
+        int r = (x->comm->rank + k) % x->comm->size;
+        int rc = hc_xrecv_into(x, r, (char *)msgs + (size_t)r * len, len);
+        if (rc != HC_OK) return rc;
+    }
+    return HC_OK;
+}
+
+/* The peers' ADDR messages. A peer that sends something else runs this
+ * collective on the rings: the calls agree (the headers were checked), so
+ * the settings differ. */
+static int recv_addrs(hc_exec *x, sc_addr *a) {
+    hc_comm *c = x->comm;
+    for (int k = 1; k < c->size; k++) {
+        int r = (c->rank + k) % c->size;
+        hc_msg *m;
+        int rc = hc_xrecv(x, r, &m);
+        if (rc != HC_OK) return rc;
+        if (m->len == sizeof *a) {
+            memcpy(&a[r], m->data, sizeof *a);
+        } else {
+            char who[160];
+            rc = hc_xfail(x, HC_ERR_MISMATCH,
+                          "%s ran %s #%" PRIu64 " over the rings while rank %d read its peers' buffers directly: "
+                          "HETCOMM_CMA or HETCOMM_SMALL_BYTES differ across ranks",
+                          hc_peer_desc(c, r, who, sizeof who), hc_op_kind_name(x->op->kind), x->op->seq, c->rank);
+        }
+        hc_xrelease(x, m);
+        if (rc != HC_OK) return rc;
+    }
+    return HC_OK;
+}
+
+/* Copies `len` bytes at `remote` in rank r's process to `dst`. */
+static int read_peer(hc_exec *x, int r, const sc_addr *a, void *dst, uint64_t remote, size_t len) {
+    int e = hc_cma_read(a->pid, dst, remote, len);
+    if (!e) return HC_OK;
+    hc_comm *c = x->comm;
+    char who[160];
+    hc_peer_desc(c, r, who, sizeof who);
+    if (e == ESRCH || (e == EFAULT && kill(a->pid, 0) != 0 && errno == ESRCH)) {
+        int rc = hc_xfail(x, HC_ERR_PEER_LOST, "%s exited while rank %d read its buffer in %s #%" PRIu64, who,
+                          c->rank, hc_op_kind_name(x->op->kind), x->op->seq);
+        hc_member_fail(c, r, "its process is gone (process_vm_readv found no such process)");
+        return rc;
+    }
+    return hc_xfail(x, HC_ERR_TRANSPORT, "rank %d could not read %zu bytes at %#" PRIx64 " of %s in %s #%" PRIu64 ": %s",
+                    c->rank, len, remote, who, hc_op_kind_name(x->op->kind), x->op->seq, strerror(e));
+}
+
+/* First op of the communicator on this path: can every rank read every peer? */
+static int agree_on_path(hc_exec *x, const sc_addr *a) {
+    hc_comm *c = x->comm;
+    uint32_t verdict = 1, verdicts[c->size];
+    int first_errno = 0, failed_peer = -1;
+    for (int r = 0; r < c->size && verdict; r++) {
+        if (r == c->rank) continue;
+        uint64_t seen = 0;
+        int e = hc_cma_read(a[r].pid, &seen, a[r].proof_addr, sizeof seen);
+        if (e || seen != a[r].proof) {
+            verdict = 0;
+            first_errno = e;
+            failed_peer = r;
+        }
+    }
+    int rc = send_all(x, &verdict, sizeof verdict);
+    if (rc == HC_OK) rc = recv_all(x, verdicts, sizeof verdict);
+    if (rc != HC_OK) return rc;
+    verdicts[c->rank] = verdict;
+    c->cma_state = STATE_WORKS;
+    for (int r = 0; r < c->size; r++)
+        if (!verdicts[r]) c->cma_state = STATE_REFUSED;
+    if (!verdict)
+        hc_log(HC_LOG_WARNING,
+               "%s: rank %d cannot read rank %d's memory (process_vm_readv: %s); large collectives on this host "
+               "use the shared-memory lanes (HETCOMM_CMA=0 skips the attempt)",
+               c->name, c->rank, failed_peer, first_errno ? strerror(first_errno) : "another process answered");
+    else if (c->cma_state == STATE_REFUSED)
+        hc_log(HC_LOG_INFO, "%s: rank %d: another rank may not read its peers' memory; large collectives use the "
+               "shared-memory lanes", c->name, c->rank);
+    return HC_OK;
+}
+
+/* dst = fold of every rank's `count` elements at byte offset `off` of its
+ * input (this rank's at `mine`), this rank first, then the others in rank
+ * order, block by block. */
+static int fold_run(hc_exec *x, const sc_addr *a, uint64_t off, const char *mine, char *dst, size_t count) {
+    hc_comm *c = x->comm;
+    hc_op *op = x->op;
+    size_t es = hc_dtype_size(op->dtype), be = BLOCK_BYTES / es;
+    char *scratch = hc_comm_scratch(c, HC_SCRATCH_TMP, BLOCK_BYTES);
+    if (!scratch) return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for a %u-byte block", c->rank, BLOCK_BYTES);
+    for (size_t b = 0; b < count; b += be) {
+        size_t len = count - b < be ? count - b : be;
+        const char *acc = mine + b * es;
+        for (int r = 0; r < c->size; r++) {
+            if (r == c->rank) continue;
+            int rc = read_peer(x, r, &a[r], scratch, a[r].in + off + b * es, len * es);
+            if (rc != HC_OK) return rc;
+            hc_reduce_kernel(dst + b * es, acc, scratch, len, op->dtype, op->redop);
+            acc = dst + b * es;
+        }
+        if (op->redop == HC_AVG) hc_divide_kernel(dst + b * es, len, op->dtype, c->size);
+    }
+    return HC_OK;
+}
+
+static int allreduce(hc_exec *x, const sc_addr *a) {
+    hc_comm *c = x->comm;
+    hc_op *op = x->op;
+    int n = c->size, me = c->rank;
+    size_t es = hc_dtype_size(op->dtype);
+    const char *in = op->sendbuf;
+    char *out = op->recvbuf;
+    size_t lo = hc_split(op->count, n, me), hi = hc_split(op->count, n, me + 1);
+    int rc = fold_run(x, a, lo * es, in + lo * es, out + lo * es, hi - lo);
+    uint32_t ready = 1;
+    if (rc == HC_OK) rc = send_all(x, &ready, sizeof ready);
+    for (int k = 1; k < n && rc == HC_OK; k++) {
+        int o = (me + k) % n;
+        size_t olo = hc_split(op->count, n, o), ohi = hc_split(op->count, n, o + 1);
+        if ((rc = hc_xrecv_into(x, o, &ready, sizeof ready)) == HC_OK)
+            rc = read_peer(x, o, &a[o], out + olo * es, a[o].out + olo * es, (ohi - olo) * es);
+    }
+    return rc;
+}
+
+static int allgather(hc_exec *x, const sc_addr *a) {
+    hc_op *op = x->op;
+    int n = x->comm->size, me = x->comm->rank, rc = HC_OK;
+    size_t part = op->count * hc_dtype_size(op->dtype);
+    char *out = op->recvbuf;
+    if (out + (size_t)me * part != (const char *)op->sendbuf) memcpy(out + (size_t)me * part, op->sendbuf, part);
+    for (int k = 1; k < n && rc == HC_OK; k++) {
+        int r = (me + k) % n;
+        rc = read_peer(x, r, &a[r], out + (size_t)r * part, a[r].in, part);
+    }
+    return rc;
+}
+
+static int reduce_scatter(hc_exec *x, const sc_addr *a) {
+    hc_op *op = x->op;
+    size_t part = op->count * hc_dtype_size(op->dtype), off = (size_t)x->comm->rank * part;
+    return fold_run(x, a, off, (const char *)op->sendbuf + off, op->recvbuf, op->count);
+}
+
+static int broadcast(hc_exec *x, const sc_addr *a) {
+    hc_op *op = x->op;
+    if (x->comm->rank == op->root) return HC_OK;
+    return read_peer(x, op->root, &a[op->root], op->recvbuf, a[op->root].out, op->count * hc_dtype_size(op->dtype));
+}
+
+static int fall_back(hc_exec *x) {
+    switch (x->op->kind) {
+    case HC_OP_ALLREDUCE: return hc_allreduce_run(x);
+    case HC_OP_ALLGATHER: return hc_allgather_ring(x);
+    case HC_OP_REDUCE_SCATTER: return hc_reduce_scatter_ring(x);
+    default: return hc_broadcast_run(x);
+    }
+}
+
+int hc_single_copy_run(hc_exec *x) {
+    hc_comm *c = x->comm;
+    hc_op *op = x->op;
+    if (!c->cma_proof) {
+        hc_cma_prepare();
+        c->cma_proof = ((uint64_t)getpid() << 32 ^ (uint64_t)hc_now_ns() ^ c->cfg.comm_id) | 1;
+    }
+    sc_addr a[c->size];
+    sc_addr mine = {ADDR_MAGIC, (int32_t)getpid(), (uint32_t)buffers_usable(c, op), (uint64_t)(uintptr_t)op->sendbuf,
+                    (uint64_t)(uintptr_t)op->recvbuf, (uint64_t)(uintptr_t)&c->cma_proof, c->cma_proof};
+    a[c->rank] = mine;
+    int rc = send_all(x, &mine, sizeof mine);
+    if (rc == HC_OK) rc = recv_addrs(x, a);
+    if (rc == HC_OK && c->cma_state == STATE_UNTRIED) rc = agree_on_path(x, a);
+    if (rc != HC_OK) return rc;
+    int usable = c->cma_state == STATE_WORKS;
+    for (int r = 0; r < c->size; r++) usable &= a[r].magic == ADDR_MAGIC && a[r].usable;
+    if (hc_log_enabled(HC_LOG_DEBUG))
+        hc_log(HC_LOG_DEBUG, "%s: rank %d: %s #%" PRIu64 " of %zu elements (%s): %s", c->name, c->rank,
+               hc_op_kind_name(op->kind), op->seq, op->count, hc_dtype_name(op->dtype),
+               usable ? "single copy from the peers' buffers" : "rings (single copy not usable)");
+    if (!usable) return fall_back(x);
+    switch (op->kind) {
+    case HC_OP_ALLREDUCE: rc = allreduce(x, a); break;
+    case HC_OP_ALLGATHER: rc = allgather(x, a); break;
+    case HC_OP_REDUCE_SCATTER: rc = reduce_scatter(x, a); break;
+    default: rc = broadcast(x, a); break;
+    }
+    /* Peers may still be reading this rank's buffers until they say DONE. */
+    uint32_t done[c->size];
+    done[c->rank] = 1;
+    if (rc == HC_OK) rc = send_all(x, &done[c->rank], sizeof done[0]);
+    if (rc == HC_OK) rc = recv_all(x, done, sizeof done[0]);
+    return rc;
+}
