@@ -187,9 +187,9 @@ typedef struct hc_config {
                                   allreduce across sites uses recursive doubling */
     int heartbeat_ms;          /* a peer silent this long is lost (heartbeats go out at a
                                   quarter of it); 0: no heartbeats */
-    int spin_us;               /* small collectives on one host: busy-wait this long for a
-                                  peer before sleeping on a futex; -1: auto (30 when the
-                                  host has a core per rank, else 0) */
+    int spin_us;               /* small collectives on one host: poll this long for a peer
+                                  before sleeping on a futex (spinning with a core per rank,
+                                  yielding the core without); -1: auto (30, or 100 without) */
     int cma_enable;            /* 1: large collectives between ranks of one host read the
                                   peers' buffers directly (process_vm_readv), falling back to
                                   the lanes where the kernel refuses; must match on all ranks */

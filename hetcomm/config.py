@@ -132,7 +132,7 @@ class Options:
     wan_rtt: str | None = None            # e.g. "40ms" (HETCOMM_WAN_RTT)
     shm: bool | None = None               # shared-memory lanes on one host (HETCOMM_SHM)
     shm_bytes: int | None = None          # bytes per lane (HETCOMM_SHM_BYTES)
-    spin_us: int | None = None            # small ops on one host: busy-wait before sleeping, -1 auto (HETCOMM_SPIN_US)
+    spin_us: int | None = None            # small ops on one host: poll (spin or yield) before sleeping, -1 auto (HETCOMM_SPIN_US)
     cma: bool | None = None               # large ops on one host read peers' buffers directly (HETCOMM_CMA)
     curve: bool | None = None             # CurveZMQ between sites; default: on when a secret is set (HETCOMM_CURVE)
     curve_secret: str | None = None       # this rank's NAME.key_secret from `hetcomm keygen` (HETCOMM_CURVE_SECRET)
