@@ -60,6 +60,28 @@ def reference(inputs: list[np.ndarray], op: str, dtype) -> np.ndarray:
     return out
 
 
+
+def check_reduce_scatter_allgather(comm, inputs: list, want, op: str, count: int, tag) -> tuple:
+    """reduce_scatter of `inputs` (into a new buffer, and in place at this
+    rank's block) against `want`, their reduction; allgather of each rank's
+    first `count` elements (into a new buffer, and in place). Returns the
+    reduce_scatter result and the gathered array."""
+    rank, size = comm.rank, comm.size
+    block = slice(rank * count, (rank + 1) * count)
+    mine = comm.reduce_scatter(inputs[rank].copy(), op)
+    np.testing.assert_array_equal(mine, want[block], err_msg=f"reduce_scatter {tag}")
+    whole = inputs[rank].copy()
+    comm.reduce_scatter(whole, op, out=whole[block])
+    np.testing.assert_array_equal(whole[block], want[block], err_msg=f"reduce_scatter in place {tag}")
+    gathered = comm.allgather(inputs[rank][:count])
+    np.testing.assert_array_equal(gathered, np.stack([x[:count] for x in inputs]), err_msg=f"allgather {tag}")
+    flat = np.zeros(count * size, inputs[rank].dtype)
+    flat[block] = inputs[rank][:count]
+    comm.allgather(flat[block], out=flat)
+    np.testing.assert_array_equal(flat, np.concatenate([x[:count] for x in inputs]),
+                                  err_msg=f"allgather in place {tag}")
+    return mine, gathered
+
 def digest(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from harness import run_ranks, watch_log
-from test_collectives import digest, exact_input, reference
+from test_collectives import check_reduce_scatter_allgather, digest, exact_input, reference
 
 PATH_NOTE = "single copy from the peers' buffers"
 MIN_BYTES = 1 << 20  # the path's threshold (MIN_BYTES in single_copy.c)
@@ -74,22 +74,7 @@ def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
                 whole = block * size * es >= MIN_BYTES
                 inputs = [exact_input(r, block * size, dtype, "sum") for r in range(size)]
                 want = reference(inputs, "sum", dtype)
-                mine = comm.reduce_scatter(inputs[rank].copy(), "sum")
-                np.testing.assert_array_equal(mine, want[rank * block:(rank + 1) * block],
-                                              err_msg=f"reduce_scatter {dtype} {block}")
-                inplace = inputs[rank].copy()
-                comm.reduce_scatter(inplace, "sum", out=inplace[rank * block:(rank + 1) * block])
-                np.testing.assert_array_equal(inplace[rank * block:(rank + 1) * block],
-                                              want[rank * block:(rank + 1) * block],
-                                              err_msg=f"reduce_scatter in place {dtype} {block}")
-                gathered = comm.allgather(inputs[rank][:block])
-                np.testing.assert_array_equal(gathered, np.stack([x[:block] for x in inputs]),
-                                              err_msg=f"allgather {dtype} {block}")
-                flat = np.zeros(block * size, dtype)
-                flat[rank * block:(rank + 1) * block] = inputs[rank][:block]
-                comm.allgather(flat[rank * block:(rank + 1) * block], out=flat)
-                np.testing.assert_array_equal(flat, np.concatenate([x[:block] for x in inputs]),
-                                              err_msg=f"allgather in place {dtype} {block}")
+                mine, gathered = check_reduce_scatter_allgather(comm, inputs, want, "sum", block, (dtype, block))
                 expected += 4 * whole
                 root = size - 1
                 b = inputs[rank].copy() if rank == root else np.zeros(block * size, dtype)

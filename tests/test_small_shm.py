@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from harness import run_ranks
-from test_collectives import DTYPES, digest, exact_input, ops_for, reference
+from test_collectives import DTYPES, check_reduce_scatter_allgather, digest, exact_input, ops_for, reference
 
 PATH_NOTE = "shared-memory mailboxes"
 COUNTS = [0, 1, 7, 300]
@@ -65,25 +65,8 @@ def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
                     out = np.empty_like(buf)
                     comm.allreduce(inputs[rank], op, out=out)
                     np.testing.assert_array_equal(out, want, err_msg=f"allreduce out= {tag}")
-                    # reduce_scatter: block `rank` of the reduction; also with the
-                    # output inside the input at this rank's block (in place)
-                    mine = comm.reduce_scatter(inputs[rank].copy(), op)
-                    np.testing.assert_array_equal(mine, want[rank * count:(rank + 1) * count],
-                                                  err_msg=f"reduce_scatter {tag}")
-                    whole = inputs[rank].copy()
-                    comm.reduce_scatter(whole, op, out=whole[rank * count:(rank + 1) * count])
-                    np.testing.assert_array_equal(whole[rank * count:(rank + 1) * count],
-                                                  want[rank * count:(rank + 1) * count],
-                                                  err_msg=f"reduce_scatter in place {tag}")
-                    # allgather of each rank's first `count` elements, also in place
-                    gathered = comm.allgather(inputs[rank][:count])
-                    np.testing.assert_array_equal(gathered, np.stack([x[:count] for x in inputs]),
-                                                  err_msg=f"allgather {tag}")
-                    flat = np.zeros(count * size, dtype)
-                    flat[rank * count:(rank + 1) * count] = inputs[rank][:count]
-                    comm.allgather(flat[rank * count:(rank + 1) * count], out=flat)
-                    np.testing.assert_array_equal(flat, np.concatenate([x[:count] for x in inputs]),
-                                                  err_msg=f"allgather in place {tag}")
+                    # reduce_scatter of the whole, allgather of the first `count`
+                    mine, gathered = check_reduce_scatter_allgather(comm, inputs, want, op, count, tag)
                     comm.barrier()
                     calls += 7
                     hashes[tag] = (digest(buf), digest(mine), digest(gathered))
