@@ -325,8 +325,9 @@ int hc_send(hc_comm *comm, const void *buf, size_t count, int dtype, int peer,
 int hc_recv(hc_comm *comm, void *buf, size_t count, int dtype, int peer, int tag,
             const hc_call_opts *opts, hc_op **op_out);
 
-/* Blocks until done or `timeout_ms` passes (-1: forever): the op's status,
- * or HC_IN_PROGRESS if it is still running. */
+/* Blocks until done (its on_done callback, if any, has returned) or
+ * `timeout_ms` passes (-1: forever): the op's status, or HC_IN_PROGRESS if
+ * it is still running. */
 int hc_op_wait(hc_op *op, int timeout_ms);
 int hc_op_status(const hc_op *op);
 /* The detailed error message of a failed op ("" when it succeeded). */

@@ -79,7 +79,8 @@ struct hc_op {
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int done;
+    int done;     /* finished: status and error are final */
+    int notified; /* and its on_done callback has returned */
     int status;
     int source;
     char error[HC_ERROR_LEN];

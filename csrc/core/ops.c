@@ -46,9 +46,14 @@ void hc_op_complete(hc_op *op, int status, const char *error) {
     if (status != HC_OK && !op->error[0])
         snprintf(op->error, sizeof op->error, "%s", error && *error ? error : hc_status_string(status));
     op->done = 1;
-    pthread_cond_broadcast(&op->cv);
     pthread_mutex_unlock(&op->mu);
     if (op->opts.on_done) op->opts.on_done(op, status, op->opts.user);
+    /* Waiters return only after the callback: a blocking caller that gets
+     * an error back must know whether its callback has already run. */
+    pthread_mutex_lock(&op->mu);
+    op->notified = 1;
+    pthread_cond_broadcast(&op->cv);
+    pthread_mutex_unlock(&op->mu);
     hc_op_release(op); /* the worker's reference */
 }
 
@@ -62,13 +67,13 @@ int hc_op_wait(hc_op *op, int timeout_ms) {
         until.tv_nsec = ns % 1000000000;
     }
     pthread_mutex_lock(&op->mu);
-    while (!op->done) {
+    while (!op->notified) {
         if (timeout_ms < 0)
             pthread_cond_wait(&op->cv, &op->mu);
         else if (pthread_cond_timedwait(&op->cv, &op->mu, &until) == ETIMEDOUT)
             break;
     }
-    int status = op->done ? op->status : HC_IN_PROGRESS;
+    int status = op->notified ? op->status : HC_IN_PROGRESS;
     pthread_mutex_unlock(&op->mu);
     return status;
 }
