@@ -56,6 +56,15 @@ def _skip_reason(kinds: list[str]) -> str | None:
     return None
 
 
+def _run_case(fn, case: str) -> None:
+    """Runs `fn` on one rank per device kind of `case`, or skips naming why."""
+    kinds = CASES[case]
+    reason = _skip_reason(kinds)
+    if reason:
+        pytest.skip(reason)
+    assert run_ranks(fn, len(kinds), kinds, timeout=500) == ["ok"] * len(kinds)
+
+
 def _device(kind: str, rank: int) -> "torch.device":
     """Sets up this rank's device of type ``kind``."""
     if kind == "hcdev":
@@ -174,11 +183,7 @@ def _collectives(rank: int, ws: int, kinds: list[str]) -> str:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", list(CASES))
 def test_collectives_on_devices(case: str) -> None:
-    kinds = CASES[case]
-    reason = _skip_reason(kinds)
-    if reason:
-        pytest.skip(reason)
-    assert run_ranks(_collectives, len(kinds), kinds, timeout=500) == ["ok"] * len(kinds)
+    _run_case(_collectives, case)
 
 
 # ---- staging properties -------------------------------------------------------------------------------
@@ -301,18 +306,10 @@ def _fsdp(rank: int, ws: int, kinds: list[str]) -> str:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", list(CASES))
 def test_ddp_on_devices(case: str) -> None:
-    kinds = CASES[case]
-    reason = _skip_reason(kinds)
-    if reason:
-        pytest.skip(reason)
-    assert run_ranks(_ddp, len(kinds), kinds, timeout=500) == ["ok"] * len(kinds)
+    _run_case(_ddp, case)
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_on_devices(case: str) -> None:
-    kinds = CASES[case]
-    reason = _skip_reason(kinds)
-    if reason:
-        pytest.skip(reason)
-    assert run_ranks(_fsdp, len(kinds), kinds, timeout=500) == ["ok"] * len(kinds)
+    _run_case(_fsdp, case)
