@@ -61,6 +61,18 @@ def reference(inputs: list[np.ndarray], op: str, dtype) -> np.ndarray:
 
 
 
+def check_allreduce(comm, inputs: list, want, op: str, tag):
+    """allreduce of `inputs` in place and into another buffer, against
+    `want`, their reduction; returns the in-place result."""
+    buf = inputs[comm.rank].copy()
+    comm.allreduce(buf, op)
+    np.testing.assert_array_equal(buf, want, err_msg=f"allreduce {tag}")
+    out = np.empty_like(buf)
+    comm.allreduce(inputs[comm.rank], op, out=out)
+    np.testing.assert_array_equal(out, want, err_msg=f"allreduce out= {tag}")
+    return buf
+
+
 def check_reduce_scatter_allgather(comm, inputs: list, want, op: str, count: int, tag) -> tuple:
     """reduce_scatter of `inputs` (into a new buffer, and in place at this
     rank's block) against `want`, their reduction; allgather of each rank's

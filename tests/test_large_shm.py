@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from harness import run_ranks, watch_log
-from test_collectives import check_reduce_scatter_allgather, digest, exact_input, reference
+from test_collectives import check_allreduce, check_reduce_scatter_allgather, digest, exact_input, reference
 
 PATH_NOTE = "single copy from the peers' buffers"
 MIN_BYTES = 1 << 20  # the path's threshold (MIN_BYTES in single_copy.c)
@@ -60,12 +60,7 @@ def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
                     tag = (np.dtype(dtype).name, op, count)
                     inputs = [exact_input(r, count, dtype, op) for r in range(size)]
                     want = reference(inputs, op, dtype)
-                    buf = inputs[rank].copy()
-                    comm.allreduce(buf, op)
-                    np.testing.assert_array_equal(buf, want, err_msg=f"allreduce {tag}")
-                    out = np.empty_like(buf)
-                    comm.allreduce(inputs[rank], op, out=out)
-                    np.testing.assert_array_equal(out, want, err_msg=f"allreduce out= {tag}")
+                    buf = check_allreduce(comm, inputs, want, op, tag)
                     expected += 2 * big
                     hashes[tag] = digest(buf)
                 # reduce_scatter and allgather: `block` elements a rank, the

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from harness import run_ranks
-from test_collectives import DTYPES, check_reduce_scatter_allgather, digest, exact_input, ops_for, reference
+from test_collectives import DTYPES, check_allreduce, check_reduce_scatter_allgather, digest, exact_input, ops_for, reference
 
 PATH_NOTE = "shared-memory mailboxes"
 COUNTS = [0, 1, 7, 300]
@@ -58,13 +58,7 @@ def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
                     tag = (np.dtype(dtype).name, op, count)
                     inputs = [exact_input(r, count * size, dtype, op) for r in range(size)]
                     want = reference(inputs, op, dtype)
-                    # allreduce, in place and into another buffer
-                    buf = inputs[rank].copy()
-                    comm.allreduce(buf, op)
-                    np.testing.assert_array_equal(buf, want, err_msg=f"allreduce {tag}")
-                    out = np.empty_like(buf)
-                    comm.allreduce(inputs[rank], op, out=out)
-                    np.testing.assert_array_equal(out, want, err_msg=f"allreduce out= {tag}")
+                    buf = check_allreduce(comm, inputs, want, op, tag)
                     # reduce_scatter of the whole, allgather of the first `count`
                     mine, gathered = check_reduce_scatter_allgather(comm, inputs, want, op, count, tag)
                     comm.barrier()
