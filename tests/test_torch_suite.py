@@ -20,8 +20,10 @@ pytest.importorskip("expecttest", reason="PyTorch's test utilities need expectte
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNNER = os.path.join(HERE, "torch_suite.py")
 
-# A cross-section small enough for CI: a collective, a rooted one, p2p, DDP.
-FAST = "^(test_all_reduce_sum|test_scatter_checks|test_send_recv_any_source|test_DistributedDataParallelCPU)$"
+# Small enough for CI (each upstream test spawns fresh ranks that import the
+# whole suite: ~20 s of CPU a test): a collective and DDP. Rooted collectives
+# and p2p are covered by tests/test_torch_backend.py; the rest is the slow run.
+FAST = "^(test_all_reduce_sum|test_DistributedDataParallelCPU)$"
 
 
 def _run(backend: str, world_size: int, pattern: str | None, out: str, timeout: float) -> dict:
@@ -41,7 +43,7 @@ def test_suite_fast_subset() -> None:
         result = _run("hetcomm", 2, FAST, os.path.join(tmp, "hc.json"), 850)
     bad = {n: o["detail"][-600:] for n, o in result["tests"].items() if o["outcome"] in ("failed", "error")}
     assert not bad, bad
-    assert result["counts"].get("passed", 0) == 4, result["counts"]
+    assert result["counts"].get("passed", 0) == 2, result["counts"]
 
 
 @pytest.mark.slow
