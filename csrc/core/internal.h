@@ -20,7 +20,7 @@
 #define HC_ERROR_LEN 1024
 #define HC_MAX_INBOXES 3 /* per plane: tcp, ipc, CURVE */
 /* Work buffers the worker keeps between ops (see hc_comm_scratch). */
-enum { HC_SCRATCH_WORK, HC_SCRATCH_TMP, HC_SCRATCH_INDEX, HC_SCRATCH_ARENA, HC_SCRATCH_STAGE, HC_SCRATCH_SLOTS };
+enum { HC_SCRATCH_WORK, HC_SCRATCH_TMP, HC_SCRATCH_ARENA, HC_SCRATCH_STAGE, HC_SCRATCH_SLOTS };
 
 typedef enum hc_op_kind {
     HC_OP_ALLREDUCE = 1,
