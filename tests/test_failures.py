@@ -144,6 +144,22 @@ def test_dead_peer_is_reported_quickly_naming_the_rank():
         assert float(text.split("s ")[0]) < 10, text
 
 
+def _segfaults(rank: int, size: int) -> str:
+    import os
+    import signal
+
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return "ok"
+
+
+@pytest.mark.timeout(30)
+def test_rank_killed_by_a_signal_is_reported_with_its_name():
+    results = run_ranks(_segfaults, 2, timeout=20, allow_failures=True)
+    assert results[0] == "ok"
+    assert "killed by signal SIGSEGV" in results[1], results[1]
+
+
 def _garbage(rank: int, size: int) -> None:
     import socket
 
