@@ -433,6 +433,30 @@ int hc_tp_send_ctl(hc_comm *c, hc_peer *p, hc_wire_header *h, const void *payloa
     return send_inline(p->ctl, h, payload, len);
 }
 
+static void send_tracked_bye(hc_comm *c, void *s) {
+    hc_zmq_msg m;
+    if (!s) return;
+    tx_add(&c->tx->group[0], 1);
+    if (hc_zmq.msg_init_data(&m, &c->tx->bye, sizeof c->tx->bye, tx_release, &c->tx->group[0]) != 0) {
+        tx_add(&c->tx->group[0], -1);
+        return;
+    }
+    if (hc_zmq.msg_send(&m, s, HC_ZMQ_DONTWAIT) < 0) hc_zmq.msg_close(&m); /* runs tx_release */
+}
+
+void hc_tp_send_bye(hc_comm *c, hc_peer *p) {
+    c->tx->bye.flags |= HC_WIRE_INLINE;
+    c->tx->bye.len = 0;
+    send_tracked_bye(c, p->ctl);
+    for (int i = 0; p->streams && i < p->nstreams; i++) send_tracked_bye(c, p->streams[i]);
+}
+
+int hc_tp_peer_departed(hc_comm *c, hc_peer *p) {
+    for (int ev; !p->gone && p->monitor && (ev = hc_tp_read_monitor(c, p)) != 0;)
+        if (ev == HC_ZMQ_EVENT_DISCONNECTED) p->gone = 1;
+    return p->gone;
+}
+
 /* ---- receive ---- */
 
 void hc_tp_release_msg(hc_comm *c, hc_msg *m) {
