@@ -435,6 +435,9 @@ int hc_tp_send_ctl(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *
 void hc_tp_send_bye(hc_comm *comm, hc_peer *peer);
 /* Whether the peer's end of the links is known closed (reads its monitor). */
 int hc_tp_peer_departed(hc_comm *comm, hc_peer *peer);
+/* Waits (up to timeout_ms) until ZeroMQ has taken the goodbyes; the links of
+ * a peer that closes meanwhile are dropped, goodbyes and all. */
+void hc_tp_flush_goodbyes(hc_comm *comm, int timeout_ms);
 /* Closes every link to one peer (linger 0: what it never took is dropped,
  * which releases the zero-copy buffers queued for it). */
 void hc_tp_close_peer(hc_comm *comm, hc_peer *peer);
