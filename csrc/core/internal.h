@@ -430,7 +430,7 @@ int hc_tp_send(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payl
 int hc_tp_send_ctl(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payload, size_t len);
 /* At destroy: a goodbye (comm->tx->bye) on every link to the peer, counted in
  * tx group 0. Each one is queued behind what was sent on its link before, so
- * once hc_tx_wait sees them all taken, ZeroMQ has taken everything this rank
+ * once hc_tp_flush_goodbyes sees them all taken, ZeroMQ has taken all this rank
  * sent (a process that exits right after a close loses what it has not). */
 void hc_tp_send_bye(hc_comm *comm, hc_peer *peer);
 /* Whether the peer's end of the links is known closed (reads its monitor). */
