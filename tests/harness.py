@@ -5,10 +5,12 @@ test fails, so a hang is a failure, never a stuck CI job.
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -41,6 +43,7 @@ def take_environment(env: dict[str, str]) -> None:
 def _rank_main(fn: Callable, rank: int, world_size: int, env: dict[str, str], results: Any, args: tuple,
                all_done: Any, timeout: float) -> None:
     take_environment({**env, "RANK": str(rank), "WORLD_SIZE": str(world_size)})
+    faulthandler.enable()  # a rank killed by SIGSEGV/SIGABRT prints where its threads were
     try:
         results.put((rank, True, fn(rank, world_size, *args)))
     except BaseException as exc:  # report everything, including SystemExit, to the parent
@@ -117,8 +120,18 @@ class RankError(str):
 
 
 class RankExited(str):
+    """How a rank that died without reporting ended, from ``Process.exitcode``
+    (negative: the signal that killed it)."""
+
     def __new__(cls, code: int | None) -> "RankExited":
-        return super().__new__(cls, f"exited with code {code} without reporting")
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name} ({-code})"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        return super().__new__(cls, f"{how} without reporting")
 
 
 class LogNotes(logging.Handler):

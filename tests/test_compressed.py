@@ -105,6 +105,53 @@ def test_hierarchical_across_two_sites(codec):
     assert len({r[0] for r in results}) == 1
 
 
+def _hier_pipelined(rank: int, size: int, codec: str, count: int, sites: int) -> tuple:
+    import hetcomm
+
+    # The smallest chunk size cuts the buffer into many pipeline chunks (of
+    # 1024 floats x ranks) and `count` into a ragged last one.
+    opts = hetcomm.Options(algo="hier", site=f"dc{rank * sites // size}", codec_min_bytes=0, chunk_bytes=4096)
+    with hetcomm.Communicator(rank, size, timeout=60, options=opts) as comm:
+        assert comm.site_count == sites
+        xs = inputs(size, count, "normal")
+        exact = np.sum([x.astype(np.float64) for x in xs], axis=0)
+        b = bound(codec, xs, sites)  # quantized once per hop of the column ring and once by its owner
+        buf = xs[rank].copy()
+        comm.allreduce(buf, "sum", codec=codec)
+        err = np.abs(buf - exact)
+        assert np.all(err <= b), f"{codec}: err {err.max()} > bound {b[int(np.argmax(err - b))]}"
+        avg = xs[rank].copy()
+        comm.allreduce(avg, "avg", codec=codec)
+        assert np.all(np.abs(avg - exact / size) <= b / size * 1.001)
+        # Error feedback: the same input every step; what quantization drops
+        # is carried into the next step, so the running sum stays within one
+        # step's bound (its residuals; the carried residual may raise a
+        # block's scale by up to half a step) where without feedback it
+        # drifts `steps` times as far (measured: 2.5x this bound and more).
+        acc = np.zeros(count, np.float64)
+        steps = 6
+        for _ in range(steps):
+            step = xs[rank].copy()
+            comm.allreduce(step, "sum", codec=codec, residual_key=11)
+            acc += step
+        drift = np.abs(acc - steps * exact)
+        limit = b * (1 + 1 / QMAX[codec])
+        assert np.all(drift <= limit), f"{codec}: running sum off by {drift.max()} after {steps} steps (limit {limit[0]})"
+        return digest(buf), digest(avg), digest(acc)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+@pytest.mark.parametrize("sites,per_site,count", [(2, 2, 50_003), (2, 1, 20_011), (2, 3, 40_009), (3, 2, 30_001)])
+def test_pipelined_hierarchical_within_bound_and_identical(codec, sites, per_site, count):
+    """The compressed hierarchical allreduce runs its phases pipelined over
+    chunks; sizes that are no multiple of a chunk (or of the ranks) still end
+    within the codec's bound of the exact sum and bit-identical everywhere,
+    with error feedback as tight as unpipelined."""
+    results = run_ranks(_hier_pipelined, sites * per_site, codec, count, sites, timeout=150)
+    assert len(set(results)) == 1, "ranks ended with different bits"
+
+
 def _hier_exact(rank: int, size: int, codec: str, kind: str, count: int, algo: str, sites: int) -> tuple:
     import hetcomm
 

@@ -97,7 +97,7 @@ int hc_allreduce_run(hc_exec *x) {
     } else {
         hc_ring g;
         hc_ring_init(x, &g, c->ring, c->size, op->count, 0, sizeof(float));
-        rc = hc_ring_allreduce_codec(x, &g, in, out, op->redop == HC_AVG ? c->size : 0, residual, 0);
+        rc = hc_ring_allreduce_codec(x, &g, in, out, op->redop == HC_AVG ? c->size : 0, residual);
     }
     if (rc == HC_OK && op->dtype != HC_FLOAT32) hc_convert_from_f32(op->recvbuf, out, op->count, op->dtype);
     return rc;

@@ -53,12 +53,40 @@ int hc_ring_allreduce(hc_exec *x, const hc_ring *g, const void *in, void *out, i
  * so all end bit-identical. `residual` (count floats, or NULL) is this
  * rank's error feedback for the elements it quantizes. */
 int hc_ring_allreduce_codec(hc_exec *x, const hc_ring *g, const float *in, float *out, int divide_by,
-                            float *residual, int keep_encoded);
-/* With keep_encoded, afterwards: the encoded bytes every member decoded for
- * piece `piece` of segment `seg` (valid until the op ends). */
-const uint8_t *hc_ring_codec_piece(hc_exec *x, const hc_ring *g, int seg, size_t piece, size_t *bytes);
+                            float *residual);
+
+/* The compressed ring as stages that a caller may interleave with other
+ * work (the hierarchical allreduce pipelines chunks through them). Stage 0
+ * sends this rank's segment; stages 1..n-1 are the reduce-scatter's receive
+ * steps, n..2n-2 the allgather's. Messages only go to g.next, so stage s of
+ * one ring receives what the previous member sent in its stage s-1. */
+typedef struct hc_codec_ring {
+    hc_ring g;
+    int codec;
+    hc_codec_params p;
+    size_t enc_max;   /* encoded bytes of a full piece */
+    size_t slots;     /* pieces over all segments */
+    uint8_t *arena;   /* hc_codec_ring_arena_bytes, kept until the op ends */
+    const float *in;  /* this rank's contributions (reduce-scatter) */
+    float *out;       /* the whole result (allgather) */
+    float *last;      /* the owned segment's result, segment-sized */
+    float *residual;  /* error feedback, indexed like `in`, or NULL */
+    int divide_by;    /* > 1: the owned segment's sum is divided by it */
+    int share;        /* the last reduce step starts the allgather */
+    int keep_encoded; /* keep every final encoding (hc_codec_ring_final) */
+} hc_codec_ring;
+
+/* Geometry and codec parameters; the caller sets the buffers and the arena. */
+void hc_codec_ring_init(hc_exec *x, hc_codec_ring *r, const hc_ring *g);
+size_t hc_codec_ring_arena_bytes(const hc_codec_ring *r);
+static inline int hc_codec_ring_stages(const hc_codec_ring *r) { return 2 * r->g.n - 1; }
+int hc_codec_ring_step(hc_exec *x, hc_codec_ring *r, int stage);
+/* With keep_encoded, after the last stage: the encoded bytes every member
+ * decoded for piece `piece` of segment `seg`. */
+const uint8_t *hc_codec_ring_final(const hc_codec_ring *r, int seg, size_t piece, size_t *bytes);
 /* Decodes a received encoded piece of `len` elements into dst (checks its size). */
-int hc_ring_codec_decode_piece(hc_exec *x, const hc_ring *g, const hc_msg *m, size_t len, float *dst);
+int hc_codec_ring_decode(hc_exec *x, const hc_codec_ring *r, const hc_msg *m, size_t len, float *dst);
+
 /* Compressed reduce-scatter: the owned segment, in fp32, lands in `last`. */
 int hc_ring_reduce_scatter_codec(hc_exec *x, const hc_ring *g, const float *in, float *last, int divide_by,
                                  float *residual);

@@ -13,220 +13,225 @@
  * residual per element carries what that quantization lost into the next
  * call.
  *
- * Encoded pieces live in an arena with one slot per piece, so a buffer handed
- * to a zero-copy send is never reused within the op.
+ * The ring runs as stages, one receive step each (see hc_codec_ring_step),
+ * so that the hierarchical allreduce can interleave the stages of several
+ * chunks. Encoded pieces live in an arena with two slots per piece (the
+ * partial sum this rank sends, the final encoding), each written once per
+ * op: a buffer handed to a zero-copy send is never overwritten before the op
+ * ends, and no stage waits for sends to drain.
  */
 #include <string.h>
 
 #include "algo/ring.h"
 
-typedef struct codec_ctx {
-    int codec;
-    hc_codec_params p;
-    size_t enc_max;    /* encoded bytes of a full piece */
-    uint8_t *arena;
-    size_t *first;     /* first arena slot of each segment; n+1 entries */
-    float *tmp;        /* one piece of fp32, for hops with error feedback */
-} codec_ctx;
+static int codec_failed(hc_exec *x, int rc) { return rc == HC_OK ? rc : hc_xfail(x, rc, "%s", hc_last_error()); }
 
-/* The op's codec and its parameters; no buffers. */
-static void codec_params(hc_exec *x, codec_ctx *k) {
+void hc_codec_ring_init(hc_exec *x, hc_codec_ring *r, const hc_ring *g) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
-    k->codec = op->codec;
-    hc_codec_params_init(&k->p);
-    k->p.block = c->cfg.codec_block;
-    k->p.scale_fp32 = c->cfg.codec_scale_fp32;
+    memset(r, 0, sizeof *r);
+    r->g = *g;
+    r->codec = op->codec;
+    hc_codec_params_init(&r->p);
+    r->p.block = c->cfg.codec_block;
+    r->p.scale_fp32 = c->cfg.codec_scale_fp32;
     /* Distinct random streams per rank: equal seeds would round the same
      * element the same way on every rank. */
-    k->p.sr_seed = op->opts.sr_seed ? op->opts.sr_seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(c->rank + 1)) : 0;
+    r->p.sr_seed = op->opts.sr_seed ? op->opts.sr_seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(c->rank + 1)) : 0;
+    r->enc_max = hc_codec_encoded_size(r->codec, g->ce, &r->p);
+    for (int s = 0; s < g->n; s++) r->slots += hc_ring_pieces(g, s);
 }
 
-static int setup(hc_exec *x, const hc_ring *g, codec_ctx *k) {
-    hc_comm *c = x->comm;
-    hc_op *op = x->op;
-    codec_params(x, k);
-    k->enc_max = hc_codec_encoded_size(k->codec, g->ce, &k->p);
-    size_t slots = 0;
-    for (int s = 0; s < g->n; s++) slots += hc_ring_pieces(g, s);
-    k->first = hc_comm_scratch(c, HC_SCRATCH_INDEX, (size_t)(g->n + 1) * sizeof(size_t));
-    k->arena = hc_comm_scratch(c, HC_SCRATCH_ARENA, slots * k->enc_max);
-    k->tmp = op->opts.residual_key ? hc_comm_scratch(c, HC_SCRATCH_TMP, g->ce * sizeof(float)) : NULL;
-    if (!k->first || !k->arena || (op->opts.residual_key && !k->tmp))
-        return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for %zu encoded pieces", c->rank, slots);
-    k->first[0] = 0;
-    for (int s = 0; s < g->n; s++) k->first[s + 1] = k->first[s] + hc_ring_pieces(g, s);
-    return HC_OK;
+size_t hc_codec_ring_arena_bytes(const hc_codec_ring *r) { return 2 * r->slots * r->enc_max; }
+
+/* The arena from the communicator's scratch, for a ring that runs alone. */
+static int scratch_arena(hc_exec *x, hc_codec_ring *r) {
+    r->arena = hc_comm_scratch(x->comm, HC_SCRATCH_ARENA, hc_codec_ring_arena_bytes(r));
+    return r->arena ? HC_OK
+                    : hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for %zu encoded pieces", x->comm->rank,
+                               2 * r->slots);
 }
 
-static uint8_t *slot(const codec_ctx *k, int seg, size_t piece) { return k->arena + (k->first[seg] + piece) * k->enc_max; }
-
-static size_t enc_size(const codec_ctx *k, size_t len) { return hc_codec_encoded_size(k->codec, len, &k->p); }
-
-static int encode(hc_exec *x, codec_ctx *k, const float *src, size_t off, size_t len, uint8_t *dst, float *residual) {
-    k->p.sr_offset = off;
-    int rc = hc_codec_encode(k->codec, src, len, dst, residual ? residual + off : NULL, &k->p);
-    return rc == HC_OK ? rc : hc_xfail(x, rc, "%s", hc_last_error());
+static uint8_t *slot(const hc_codec_ring *r, int seg, size_t piece, int final) {
+    size_t i = piece;
+    for (int s = 0; s < seg; s++) i += hc_ring_pieces(&r->g, s);
+    return r->arena + ((final ? r->slots : 0) + i) * r->enc_max;
 }
 
-/* Sends this rank's own segment, quantized. */
-static int send_own(hc_exec *x, const hc_ring *g, codec_ctx *k, const float *in, int seg, float *residual) {
-    x->tx_group = 0;
-    for (size_t i = 0, np = hc_ring_pieces(g, seg); i < np; i++) {
+static size_t enc_size(const hc_codec_ring *r, size_t len) { return hc_codec_encoded_size(r->codec, len, &r->p); }
+
+static int encode(hc_exec *x, hc_codec_ring *r, const float *src, size_t off, size_t len, uint8_t *dst) {
+    r->p.sr_offset = off;
+    return codec_failed(x, hc_codec_encode(r->codec, src, len, dst, r->residual ? r->residual + off : NULL, &r->p));
+}
+
+static const float *local_at(const hc_codec_ring *r, int seg, size_t off) {
+    return (const float *)((const char *)r->in + hc_ring_at(&r->g, seg, off));
+}
+
+/* Stage 0: sends this rank's own segment, quantized. */
+static int send_own(hc_exec *x, hc_codec_ring *r) {
+    const hc_ring *g = &r->g;
+    for (size_t i = 0, np = hc_ring_pieces(g, g->pos); i < np; i++) {
         size_t off, len;
-        hc_ring_piece(g, seg, i, &off, &len);
-        uint8_t *enc = slot(k, seg, i);
-        const float *src = (const float *)((const char *)in + hc_ring_at(g, seg, off));
-        int rc = encode(x, k, src, off, len, enc, residual);
-        if (rc == HC_OK) rc = hc_xsend(x, g->next, enc, enc_size(k, len));
+        hc_ring_piece(g, g->pos, i, &off, &len);
+        uint8_t *enc = slot(r, g->pos, i, 0);
+        int rc = encode(x, r, local_at(r, g->pos, off), off, len, enc);
+        if (rc == HC_OK) rc = hc_xsend(x, g->next, enc, enc_size(r, len));
         if (rc != HC_OK) return rc;
     }
     return HC_OK;
 }
 
 /* One hop: dst = Q(D(m) + local), with this rank's residual when given. */
-static int hop(hc_exec *x, codec_ctx *k, const hc_msg *m, const float *local, size_t off, size_t len, uint8_t *dst,
-               float *residual) {
-    int rc;
-    if (!residual) {
-        k->p.sr_offset = off;
-        rc = hc_codec_hop(k->codec, m->data, local, len, dst, NULL, &k->p);
-        return rc == HC_OK ? rc : hc_xfail(x, rc, "%s", hc_last_error());
+static int hop(hc_exec *x, hc_codec_ring *r, const hc_msg *m, const float *local, size_t off, size_t len,
+               uint8_t *dst) {
+    if (!r->residual) {
+        r->p.sr_offset = off;
+        return codec_failed(x, hc_codec_hop(r->codec, m->data, local, len, dst, NULL, &r->p));
     }
-    memcpy(k->tmp, local, len * sizeof(float));
-    rc = hc_codec_decode_add(k->codec, m->data, len, k->tmp, &k->p);
-    if (rc != HC_OK) return hc_xfail(x, rc, "%s", hc_last_error());
-    return encode(x, k, k->tmp, off, len, dst, residual);
+    float *tmp = hc_comm_scratch(x->comm, HC_SCRATCH_TMP, len * sizeof(float));
+    if (!tmp) return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for a piece of %zu floats", x->comm->rank, len);
+    memcpy(tmp, local, len * sizeof(float));
+    int rc = codec_failed(x, hc_codec_decode_add(r->codec, m->data, len, tmp, &r->p));
+    return rc == HC_OK ? encode(x, r, tmp, off, len, dst) : rc;
 }
 
 /*
- * The reduce-scatter phase. The owned segment's fp32 sum goes to `last`
- * (segment-sized). With `share` set, each finished piece is also quantized
- * once, decoded back into `last` and sent on as the first allgather step.
+ * Reduce-scatter step s (0..n-2). The last one leaves the owned segment's
+ * fp32 sum in `last`; with `share` set, each finished piece is also
+ * quantized once, decoded back into `last` and sent on as the first
+ * allgather step.
  */
-static int reduce_scatter(hc_exec *x, const hc_ring *g, codec_ctx *k, const float *in, float *last, int divide_by,
-                          float *residual, int share) {
-    int n = g->n;
-    int rc = send_own(x, g, k, in, g->pos, residual);
-    for (int s = 0; rc == HC_OK && s < n - 1; s++) {
-        int seg = hc_mod(g->pos - s - 1, n);
-        int final = s == n - 2;
-        for (size_t i = 0, np = hc_ring_pieces(g, seg); rc == HC_OK && i < np; i++) {
-            size_t off, len;
-            hc_ring_piece(g, seg, i, &off, &len);
-            const float *local = (const float *)((const char *)in + hc_ring_at(g, seg, off));
-            hc_msg *m;
-            if ((rc = hc_ring_recv(x, g, enc_size(k, len), &m)) != HC_OK) break;
-            uint8_t *enc = slot(k, seg, i);
-            if (!final) {
-                rc = hop(x, k, m, local, off, len, enc, residual);
-                hc_xrelease(x, m);
-                if (rc == HC_OK) rc = hc_xsend(x, g->next, enc, enc_size(k, len));
-                continue;
-            }
-            float *sum = last + (off - hc_ring_seg_lo(g, seg));
-            if (sum != local) memcpy(sum, local, len * sizeof(float));
-            rc = hc_codec_decode_add(k->codec, m->data, len, sum, &k->p);
+static int reduce_step(hc_exec *x, hc_codec_ring *r, int s) {
+    const hc_ring *g = &r->g;
+    int seg = hc_mod(g->pos - s - 1, g->n), final = s == g->n - 2, rc = HC_OK;
+    for (size_t i = 0, np = hc_ring_pieces(g, seg); rc == HC_OK && i < np; i++) {
+        size_t off, len;
+        hc_ring_piece(g, seg, i, &off, &len);
+        const float *local = local_at(r, seg, off);
+        hc_msg *m;
+        if ((rc = hc_ring_recv(x, g, enc_size(r, len), &m)) != HC_OK) break;
+        uint8_t *enc = slot(r, seg, i, final);
+        if (!final) {
+            rc = hop(x, r, m, local, off, len, enc);
             hc_xrelease(x, m);
-            if (rc != HC_OK) return hc_xfail(x, rc, "%s", hc_last_error());
-            if (divide_by > 1) hc_divide_kernel(sum, len, HC_FLOAT32, divide_by);
-            if (!share) continue;
-            if ((rc = encode(x, k, sum, off, len, enc, residual)) != HC_OK) break;
-            rc = hc_codec_decode(k->codec, enc, len, sum, &k->p);
-            x->tx_group = 1;
-            if (rc == HC_OK) rc = hc_xsend(x, g->next, enc, enc_size(k, len));
-            x->tx_group = 0;
+            if (rc == HC_OK) rc = hc_xsend(x, g->next, enc, enc_size(r, len));
+            continue;
         }
+        float *sum = r->last + (off - hc_ring_seg_lo(g, seg));
+        if (sum != local) memcpy(sum, local, len * sizeof(float));
+        rc = codec_failed(x, hc_codec_decode_add(r->codec, m->data, len, sum, &r->p));
+        hc_xrelease(x, m);
+        if (rc != HC_OK) break;
+        if (r->divide_by > 1) hc_divide_kernel(sum, len, HC_FLOAT32, r->divide_by);
+        if (!r->share) continue;
+        if ((rc = encode(x, r, sum, off, len, enc)) != HC_OK) break;
+        rc = codec_failed(x, hc_codec_decode(r->codec, enc, len, sum, &r->p));
+        if (rc == HC_OK) rc = hc_xsend(x, g->next, enc, enc_size(r, len));
     }
     return rc;
 }
 
-/* The allgather phase: decode each arriving piece into `out` and pass the
- * same bytes on. Slots reused here were sent in the reduce-scatter, so the
- * caller waits for those sends first. */
-static int allgather(hc_exec *x, const hc_ring *g, codec_ctx *k, float *out, int keep_encoded) {
-    int n = g->n;
-    for (int s = 0; s < n - 1; s++) {
-        int seg = hc_mod(g->pos - s, n);
-        for (size_t i = 0, np = hc_ring_pieces(g, seg); i < np; i++) {
-            size_t off, len;
-            hc_ring_piece(g, seg, i, &off, &len);
-            size_t bytes = enc_size(k, len);
-            hc_msg *m;
-            int rc = hc_ring_recv(x, g, bytes, &m);
-            if (rc != HC_OK) return rc;
-            uint8_t *enc = slot(k, seg, i);
-            if (s < n - 2 || keep_encoded) memcpy(enc, m->data, bytes);
-            rc = hc_codec_decode(k->codec, m->data, len, (float *)((char *)out + hc_ring_at(g, seg, off)), &k->p);
-            hc_xrelease(x, m);
-            if (rc != HC_OK) return hc_xfail(x, rc, "%s", hc_last_error());
-            if (s < n - 2 && (rc = hc_xsend(x, g->next, enc, bytes)) != HC_OK) return rc;
-        }
+/* Allgather step s (0..n-2): decode each arriving piece into `out` and pass
+ * the same bytes on (kept in the final slots where asked). */
+static int gather_step(hc_exec *x, hc_codec_ring *r, int s) {
+    const hc_ring *g = &r->g;
+    int seg = hc_mod(g->pos - s, g->n), forward = s < g->n - 2;
+    for (size_t i = 0, np = hc_ring_pieces(g, seg); i < np; i++) {
+        size_t off, len;
+        hc_ring_piece(g, seg, i, &off, &len);
+        size_t bytes = enc_size(r, len);
+        hc_msg *m;
+        int rc = hc_ring_recv(x, g, bytes, &m);
+        if (rc != HC_OK) return rc;
+        uint8_t *enc = slot(r, seg, i, 1);
+        if (forward || r->keep_encoded) memcpy(enc, m->data, bytes);
+        rc = hc_codec_decode(r->codec, m->data, len, (float *)((char *)r->out + hc_ring_at(g, seg, off)), &r->p);
+        hc_xrelease(x, m);
+        if ((rc = codec_failed(x, rc)) != HC_OK) return rc;
+        if (forward && (rc = hc_xsend(x, g->next, enc, bytes)) != HC_OK) return rc;
     }
     return HC_OK;
 }
 
+int hc_codec_ring_step(hc_exec *x, hc_codec_ring *r, int stage) {
+    int n = r->g.n;
+    x->tx_group = 1; /* arena slots only: never overwritten within the op */
+    int rc = stage == 0 ? send_own(x, r) : stage < n ? reduce_step(x, r, stage - 1) : gather_step(x, r, stage - n);
+    x->tx_group = 0;
+    return rc;
+}
+
+const uint8_t *hc_codec_ring_final(const hc_codec_ring *r, int seg, size_t piece, size_t *bytes) {
+    size_t off, len;
+    hc_ring_piece(&r->g, seg, piece, &off, &len);
+    *bytes = enc_size(r, len);
+    return slot(r, seg, piece, 1);
+}
+
+int hc_codec_ring_decode(hc_exec *x, const hc_codec_ring *r, const hc_msg *m, size_t len, float *dst) {
+    if (m->len != enc_size(r, len))
+        return hc_xfail(x, HC_ERR_MISMATCH, "rank %d got an encoded piece of %zu bytes, expected %zu",
+                        x->comm->rank, m->len, enc_size(r, len));
+    return codec_failed(x, hc_codec_decode(r->codec, m->data, len, dst, &r->p));
+}
+
+static int run_stages(hc_exec *x, hc_codec_ring *r, int first, int end) {
+    int rc = scratch_arena(x, r);
+    for (int s = first; rc == HC_OK && s < end; s++) rc = hc_codec_ring_step(x, r, s);
+    return rc;
+}
+
 int hc_ring_allreduce_codec(hc_exec *x, const hc_ring *g, const float *in, float *out, int divide_by,
-                            float *residual, int keep_encoded) {
+                            float *residual) {
     if (g->n == 1) {
         if (in != out && g->count) memcpy(out, in, g->count * sizeof(float));
         if (divide_by > 1) hc_divide_kernel(out, g->count, HC_FLOAT32, divide_by);
         return HC_OK;
     }
-    codec_ctx k;
-    int rc = setup(x, g, &k);
-    int own = hc_mod(g->pos + 1, g->n);
-    if (rc == HC_OK)
-        rc = reduce_scatter(x, g, &k, in, out + hc_ring_seg_lo(g, own), divide_by, residual, 1);
-    if (rc == HC_OK) rc = hc_xsend_wait(x, 0);
-    if (rc == HC_OK) rc = allgather(x, g, &k, out, keep_encoded);
-    return rc;
-}
-
-const uint8_t *hc_ring_codec_piece(hc_exec *x, const hc_ring *g, int seg, size_t piece, size_t *bytes) {
-    codec_ctx k;
-    if (setup(x, g, &k) != HC_OK) return NULL;
-    size_t off, len;
-    hc_ring_piece(g, seg, piece, &off, &len);
-    *bytes = enc_size(&k, len);
-    return slot(&k, seg, piece);
-}
-
-int hc_ring_codec_decode_piece(hc_exec *x, const hc_ring *g, const hc_msg *m, size_t len, float *dst) {
-    codec_ctx k;
-    codec_params(x, &k); /* not setup(): the arena holds pieces still being sent */
-    int rc = HC_OK;
-    if (m->len != enc_size(&k, len))
-        return hc_xfail(x, HC_ERR_MISMATCH, "rank %d got an encoded piece of %zu bytes, expected %zu",
-                        x->comm->rank, m->len, enc_size(&k, len));
-    if (rc == HC_OK && (rc = hc_codec_decode(k.codec, m->data, len, dst, &k.p)) != HC_OK)
-        return hc_xfail(x, rc, "%s", hc_last_error());
-    return rc;
+    hc_codec_ring r;
+    hc_codec_ring_init(x, &r, g);
+    r.in = in;
+    r.out = out;
+    r.last = out + hc_ring_seg_lo(g, hc_mod(g->pos + 1, g->n));
+    r.residual = residual;
+    r.divide_by = divide_by;
+    r.share = 1;
+    return run_stages(x, &r, 0, hc_codec_ring_stages(&r));
 }
 
 int hc_ring_reduce_scatter_codec(hc_exec *x, const hc_ring *g, const float *in, float *last, int divide_by,
                                  float *residual) {
-    codec_ctx k;
-    int rc = setup(x, g, &k);
-    return rc == HC_OK ? reduce_scatter(x, g, &k, in, last, divide_by, residual, 0) : rc;
+    hc_codec_ring r;
+    hc_codec_ring_init(x, &r, g);
+    r.in = in;
+    r.last = last;
+    r.residual = residual;
+    r.divide_by = divide_by;
+    return run_stages(x, &r, 0, g->n);
 }
 
 int hc_ring_allgather_codec(hc_exec *x, const hc_ring *g, float *out, float *residual) {
-    codec_ctx k;
-    int rc = setup(x, g, &k);
+    hc_codec_ring r;
+    hc_codec_ring_init(x, &r, g);
+    r.out = out;
+    r.residual = residual;
+    int rc = scratch_arena(x, &r);
     int own = hc_mod(g->pos + 1, g->n);
     float *mine = (float *)((char *)out + hc_ring_at(g, own, hc_ring_seg_lo(g, own)));
     x->tx_group = 1;
     for (size_t i = 0, np = hc_ring_pieces(g, own); rc == HC_OK && i < np; i++) {
         size_t off, len;
         hc_ring_piece(g, own, i, &off, &len);
-        uint8_t *enc = slot(&k, own, i);
+        uint8_t *enc = slot(&r, own, i, 1);
         float *src = mine + (off - hc_ring_seg_lo(g, own));
-        rc = encode(x, &k, src, off, len, enc, residual);
+        rc = encode(x, &r, src, off, len, enc);
         /* The owner keeps what everyone else decodes. */
-        if (rc == HC_OK) rc = hc_codec_decode(k.codec, enc, len, src, &k.p);
-        if (rc == HC_OK) rc = hc_xsend(x, g->next, enc, enc_size(&k, len));
+        if (rc == HC_OK) rc = codec_failed(x, hc_codec_decode(r.codec, enc, len, src, &r.p));
+        if (rc == HC_OK) rc = hc_xsend(x, g->next, enc, enc_size(&r, len));
     }
     x->tx_group = 0;
-    return rc == HC_OK ? allgather(x, g, &k, out, 0) : rc;
+    for (int s = g->n; rc == HC_OK && s < hc_codec_ring_stages(&r); s++) rc = hc_codec_ring_step(x, &r, s);
+    return rc;
 }

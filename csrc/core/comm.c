@@ -350,11 +350,18 @@ void hc_comm_stop_worker(hc_comm *c) {
 int hc_comm_destroy(hc_comm *c) {
     if (!c) return HC_OK;
     hc_comm_stop_worker(c);
-    /* A goodbye tells the peers this close is on purpose, not a crash. */
-    hc_wire_header bye;
-    hc_wire_header_init(&bye, c, HC_MSG_BYE);
-    for (int r = 0; c->connected && r < c->size; r++)
-        if (r != c->rank) hc_tp_send_ctl(c, &c->peers[r], &bye, NULL, 0);
+    /* A goodbye tells the peers this close is on purpose, not a crash.
+     * Closing waits until ZeroMQ has taken the goodbyes, and with them every
+     * message sent before: the peers may still be receiving the last ones,
+     * and a process that exits right after this (multiprocessing's children
+     * do) would take them along unsent. A peer whose end is closed gets
+     * none: it would sit queued for the whole linger. */
+    if (c->connected && c->tx) {
+        hc_wire_header_init(&c->tx->bye, c, HC_MSG_BYE);
+        for (int r = 0; r < c->size; r++)
+            if (r != c->rank && !hc_tp_peer_departed(c, &c->peers[r])) hc_tp_send_bye(c, &c->peers[r]);
+        hc_tp_flush_goodbyes(c, HC_CLOSE_LINGER_MS);
+    }
     hc_tp_close_all(c, HC_CLOSE_LINGER_MS);
     /* Lingering sockets may still hold zero-copy buffers; the tracker must
      * outlive them, so it is leaked rather than freed if they do not drain. */

@@ -20,7 +20,7 @@
 #define HC_ERROR_LEN 1024
 #define HC_MAX_INBOXES 3 /* per plane: tcp, ipc, CURVE */
 /* Work buffers the worker keeps between ops (see hc_comm_scratch). */
-enum { HC_SCRATCH_WORK, HC_SCRATCH_TMP, HC_SCRATCH_INDEX, HC_SCRATCH_ARENA, HC_SCRATCH_STAGE, HC_SCRATCH_SLOTS };
+enum { HC_SCRATCH_WORK, HC_SCRATCH_TMP, HC_SCRATCH_ARENA, HC_SCRATCH_STAGE, HC_SCRATCH_SLOTS };
 
 typedef enum hc_op_kind {
     HC_OP_ALLREDUCE = 1,
@@ -165,6 +165,7 @@ struct hc_txtrack {
     pthread_cond_t cv;
     int fd[2];
     hc_txgroup group[HC_TX_GROUPS];
+    hc_wire_header bye; /* sent zero-copy at destroy: must live as long as the tracker */
 };
 
 typedef struct hc_residual {
@@ -427,6 +428,16 @@ int hc_tp_send(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payl
                size_t len, int tx_group /* -1: copy */);
 /* Sends a control message (copied) on the peer's control connection. */
 int hc_tp_send_ctl(hc_comm *comm, hc_peer *peer, hc_wire_header *h, const void *payload, size_t len);
+/* At destroy: a goodbye (comm->tx->bye) on every link to the peer, counted in
+ * tx group 0. Each one is queued behind what was sent on its link before, so
+ * once hc_tp_flush_goodbyes sees them all taken, ZeroMQ has taken all this rank
+ * sent (a process that exits right after a close loses what it has not). */
+void hc_tp_send_bye(hc_comm *comm, hc_peer *peer);
+/* Whether the peer's end of the links is known closed (reads its monitor). */
+int hc_tp_peer_departed(hc_comm *comm, hc_peer *peer);
+/* Waits (up to timeout_ms) until ZeroMQ has taken the goodbyes; the links of
+ * a peer that closes meanwhile are dropped, goodbyes and all. */
+void hc_tp_flush_goodbyes(hc_comm *comm, int timeout_ms);
 /* Closes every link to one peer (linger 0: what it never took is dropped,
  * which releases the zero-copy buffers queued for it). */
 void hc_tp_close_peer(hc_comm *comm, hc_peer *peer);

@@ -640,3 +640,51 @@ void hc_tp_close_all(hc_comm *c, int linger_ms) {
     if (c->own_ctx && c->zctx) hc_zmq.ctx_term(c->zctx);
     c->zctx = NULL;
 }
+
+/* ---- goodbyes at destroy ---- */
+
+static void send_tracked_bye(hc_comm *c, void *s) {
+    hc_zmq_msg m;
+    if (!s) return;
+    tx_add(&c->tx->group[0], 1);
+    if (hc_zmq.msg_init_data(&m, &c->tx->bye, sizeof c->tx->bye, tx_release, &c->tx->group[0]) != 0) {
+        tx_add(&c->tx->group[0], -1);
+        return;
+    }
+    if (hc_zmq.msg_send(&m, s, HC_ZMQ_DONTWAIT) < 0) hc_zmq.msg_close(&m); /* runs tx_release */
+}
+
+void hc_tp_send_bye(hc_comm *c, hc_peer *p) {
+    c->tx->bye.flags |= HC_WIRE_INLINE;
+    c->tx->bye.len = 0;
+    send_tracked_bye(c, p->ctl);
+    for (int i = 0; p->streams && i < p->nstreams; i++) send_tracked_bye(c, p->streams[i]);
+}
+
+int hc_tp_peer_departed(hc_comm *c, hc_peer *p) {
+    for (int ev; !p->gone && p->monitor && (ev = hc_tp_read_monitor(c, p)) != 0;)
+        if (ev == HC_ZMQ_EVENT_DISCONNECTED) p->gone = 1;
+    return p->gone;
+}
+
+void hc_tp_flush_goodbyes(hc_comm *c, int timeout_ms) {
+    int64_t deadline = hc_now_ns() + (int64_t)timeout_ms * 1000000;
+    hc_zmq_pollitem items[1 + c->size];
+    while (hc_tx_inflight(c->tx, 0) > 0) {
+        int n = 0;
+        items[n++] = (hc_zmq_pollitem){NULL, c->tx->fd[0], HC_ZMQ_POLLIN, 0};
+        for (int r = 0; r < c->size; r++) {
+            hc_peer *p = &c->peers[r];
+            if (r == c->rank || !p->monitor) continue;
+            if (hc_tp_peer_departed(c, p))
+                close_links(c, p, 0); /* it closed meanwhile: drop what it will never take */
+            else
+                items[n++] = (hc_zmq_pollitem){p->monitor, 0, HC_ZMQ_POLLIN, 0};
+        }
+        long left = (long)((deadline - hc_now_ns()) / 1000000);
+        if (left <= 0 || (hc_zmq.poll(items, n, left) < 0 && hc_zmq.errno_() != EINTR)) return;
+        char b[64];
+        while (read(c->tx->fd[0], b, sizeof b) > 0) {
+        }
+    }
+}
