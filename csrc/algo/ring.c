@@ -9,6 +9,7 @@
  * rank (its owner) and every other rank copies the owner's bytes.
  */
 #include "algo/ring.h"
+#include "algo/sites.h"
 
 #include <string.h>
 
@@ -60,7 +61,7 @@ int hc_ring_recv(hc_exec *x, const hc_ring *g, size_t bytes, hc_msg **m) {
     return rc;
 }
 
-static int send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf) {
+int hc_ring_send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf) {
     for (size_t k = 0, np = hc_ring_pieces(g, seg); k < np; k++) {
         size_t off, len;
         hc_ring_piece(g, seg, k, &off, &len);
@@ -75,7 +76,7 @@ int hc_ring_reduce_scatter(hc_exec *x, const hc_ring *g, const char *in, char *w
     hc_op *op = x->op;
     int n = g->n;
     x->tx_group = 0;
-    int rc = send_segment(x, g, g->pos, in);
+    int rc = hc_ring_send_segment(x, g, g->pos, in);
     for (int s = 0; rc == HC_OK && s < n - 1; s++) {
         int seg = hc_mod(g->pos - s - 1, n);
         int final = s == n - 2;
@@ -174,6 +175,7 @@ int hc_reduce_scatter_ring(hc_exec *x) {
         if (op->sendbuf != op->recvbuf && block) memcpy(op->recvbuf, op->sendbuf, block * es);
         return HC_OK;
     }
+    if (hc_sites_hierarchical(c, op)) return hc_reduce_scatter_hierarchical(x);
     if (op->codec != HC_CODEC_NONE) return reduce_scatter_codec(x);
     /* Partial sums cannot go into the caller's input, so they go to a work
      * buffer kept by the communicator. */
@@ -194,6 +196,8 @@ int hc_allgather_ring(hc_exec *x) {
     char *mine = out + (size_t)c->rank * block * es;
     if (op->sendbuf != mine && block) memmove(mine, op->sendbuf, block * es);
     if (c->size == 1) return HC_OK;
+    /* Parameters stay exact: a codec here is only ever asked for per call. */
+    if (op->codec == HC_CODEC_NONE && hc_sites_hierarchical(c, op)) return hc_allgather_hierarchical(x);
     if (op->codec != HC_CODEC_NONE) {
         size_t total = block * (size_t)c->size;
         float *out32 = as_f32(x, HC_SCRATCH_STAGE, op->dtype == HC_FLOAT32 ? out : NULL, total);
@@ -209,6 +213,6 @@ int hc_allgather_ring(hc_exec *x) {
     hc_ring g;
     hc_ring_init(x, &g, c->ring, c->size, block * (size_t)c->size, block, es);
     x->tx_group = 1;
-    int rc = send_segment(x, &g, hc_mod(g.pos + 1, g.n), out); /* own block: segment pos+1 */
+    int rc = hc_ring_send_segment(x, &g, hc_mod(g.pos + 1, g.n), out); /* own block: segment pos+1 */
     return rc == HC_OK ? hc_ring_allgather(x, &g, out) : rc;
 }

@@ -33,6 +33,8 @@ static inline size_t hc_ring_pieces(const hc_ring *g, int seg) {
 void hc_ring_piece(const hc_ring *g, int seg, size_t k, size_t *off, size_t *len);
 /* Where an element of segment space lives in a caller's buffer, in bytes. */
 size_t hc_ring_at(const hc_ring *g, int seg, size_t off);
+/* Sends segment `seg` of `buf` to the next member, piece by piece. */
+int hc_ring_send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf);
 /* Receives the next piece from the previous member and checks its size. */
 int hc_ring_recv(hc_exec *x, const hc_ring *g, size_t bytes, hc_msg **m);
 
