@@ -89,7 +89,11 @@ def main() -> None:
     ap.add_argument("--rate", default="1gbit", help="WAN rate per direction (tc units: 1gbit, 100mbit)")
     ap.add_argument("--params", type=parse_count, default=parse_count("25M"), help="model size, e.g. 25M")
     ap.add_argument("--mode", choices=("ddp", "fsdp", "diloco"), default="ddp",
-                    help="fsdp: FSDP2, the codec on its reduce-scatter (every ring link)")
+                    help="fsdp: FSDP2, the codec on its reduce-scatters (inter-site leg)")
+    ap.add_argument("--fsdp-reshard-after-forward", choices=("true", "false"), default="true",
+                    help="fsdp: FSDP2's reshard_after_forward (false: one parameter all-gather a step, not two)")
+    ap.add_argument("--fsdp-param-dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="fsdp: bf16 = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)")
     ap.add_argument("--codec", default="int8", help="codec of the hetcomm run(s); several: int8,int4")
     ap.add_argument("--compare", choices=("gloo", "none"), default="none",
                     help="gloo: run DDP over gloo first, the baseline")
@@ -130,12 +134,15 @@ def main() -> None:
         sys.exit(f"network namespaces unavailable: {why}")
     common = {"params": args.params, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "inner_steps": args.inner_steps, "fragments": args.fragments, "outer_lr": args.outer_lr,
-              "inner_backend": args.inner_backend}
+              "inner_backend": args.inner_backend, "fsdp_reshard": args.fsdp_reshard_after_forward == "true",
+              "fsdp_param_dtype": args.fsdp_param_dtype}
+    fsdp_note = "".join([" no-reshard" if not common["fsdp_reshard"] else "",
+                         " bf16-params" if args.fsdp_param_dtype == "bf16" else ""]) if args.mode == "fsdp" else ""
     configs = []
     if args.compare == "gloo":
         configs.append({"name": "gloo ddp", "backend": "gloo", "mode": "ddp", "codec": "none"})
     for codec in args.codec.split(","):
-        configs.append({"name": f"hetcomm {args.mode} {codec}", "backend": "hetcomm", "mode": args.mode,
+        configs.append({"name": f"hetcomm {args.mode} {codec}{fsdp_note}", "backend": "hetcomm", "mode": args.mode,
                         "codec": codec})
     runs = []
     with tempfile.TemporaryDirectory() as tmp, WanTestbed(sites=2, ranks_per_site=2, wan_rate=args.rate,
