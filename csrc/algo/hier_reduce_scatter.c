@@ -8,6 +8,9 @@
  *      with the op's codec (and error feedback) on this leg only: each ends
  *      with the total of its own block.
  *
+ * Step 2 starts under step 1: each piece of the column's first segment goes
+ * across (quantized) as soon as the in-site reduce-scatter has finished it.
+ *
  * A flat ring sends (n-1)/n of the input over each WAN link it crosses, and
  * quantizes at every hop; here (S-1)/S of a site's share crosses once and
  * is quantized S-1 times. Every block is summed in a fixed order (its site
@@ -39,8 +42,40 @@ static char *stage(hc_exec *x, const int *table, int nsites, int m, size_t es) {
     return staged;
 }
 
+/* Sending the column ring's first pieces while step 1 still runs. */
+typedef struct send_ahead {
+    hc_ring *col;
+    const char *col_in; /* the column's partials */
+    size_t col_lo;      /* where they start in the site ring's segment space */
+    float *residual;    /* for the codec */
+} send_ahead;
+
+/* Called for each piece of step 1 this rank finished: sends the column
+ * ring's first pieces that are now complete. */
+static int ahead(hc_exec *x, const hc_ring *site_ring, int seg, size_t k, void *ctx) {
+    send_ahead *a = ctx;
+    hc_ring *col = a->col;
+    size_t off, len, done, upto = col->first_sent, np = hc_ring_pieces(col, col->pos);
+    hc_ring_piece(site_ring, seg, k, &off, &len);
+    done = off + len - a->col_lo;
+    for (; upto < np; upto++) {
+        hc_ring_piece(col, col->pos, upto, &off, &len);
+        if (off + len > done) break;
+    }
+    if (upto == col->first_sent) return HC_OK;
+    if (x->op->codec == HC_CODEC_NONE) return hc_ring_send_first(x, col, a->col_in, upto);
+    return hc_ring_codec_send_first(x, col, (const float *)a->col_in, upto, a->residual);
+}
+
+static float *residual_of(hc_exec *x, size_t n) {
+    float *r = NULL;
+    if (x->op->opts.residual_key && !(r = hc_residual_get(x->comm, x->op->opts.residual_key, n)))
+        hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for a residual of %zu floats", x->comm->rank, n);
+    return r;
+}
+
 /* Step 2 with the codec, on fp32 (other float types are converted). */
-static int across_sites_codec(hc_exec *x, const hc_ring *col_ring, char *col, int divide_by) {
+static int across_sites_codec(hc_exec *x, hc_ring *col_ring, char *col, int divide_by, float *residual) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
     size_t block = op->count, n = (size_t)col_ring->n * block;
@@ -51,9 +86,6 @@ static int across_sites_codec(hc_exec *x, const hc_ring *col_ring, char *col, in
         hc_convert_to_f32(in, col, n, op->dtype);
         last = in + (size_t)hc_mod(col_ring->pos + 1, col_ring->n) * block;
     }
-    float *residual = NULL;
-    if (op->opts.residual_key && !(residual = hc_residual_get(c, op->opts.residual_key, n)))
-        return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for a residual of %zu floats", c->rank, n);
     int rc = hc_ring_reduce_scatter_codec(x, col_ring, in, last, divide_by, residual);
     if (rc == HC_OK && last != op->recvbuf) hc_convert_from_f32(op->recvbuf, last, block, op->dtype);
     return rc;
@@ -73,27 +105,35 @@ int hc_reduce_scatter_hierarchical(hc_exec *x) {
     if (!staged && total)
         return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory to stage a %zu-byte reduce_scatter", c->rank,
                         total * es);
+    /* This rank's S partials: segment lp+1 of step 1, where they are never sent. */
+    size_t col_lo = (size_t)((lp + 1) % m) * nsites * block;
+    char *col = staged + col_lo * es;
+    hc_ring col_ring;
+    hc_ring_init(x, &col_ring, column, nsites, (size_t)nsites * block, 0, op->codec ? sizeof(float) : es);
+    float *residual = op->codec != HC_CODEC_NONE ? residual_of(x, (size_t)nsites * block) : NULL;
+    if (op->opts.residual_key && op->codec != HC_CODEC_NONE && !residual) return HC_ERR_NO_MEMORY;
     int64_t t0 = hc_now_ns();
+    uint64_t wan0 = atomic_load(&c->bytes_sent_intersite);
     int rc = HC_OK;
     if (m > 1) {
         hc_ring site_ring;
         hc_ring_init(x, &site_ring, table + site * m, m, total, 0, es);
+        send_ahead a = {&col_ring, col, col_lo, residual};
+        if (op->codec == HC_CODEC_NONE || op->dtype == HC_FLOAT32) { /* else step 2 needs fp32 copies first */
+            site_ring.on_final = ahead;
+            site_ring.on_final_ctx = &a;
+        }
         rc = hc_ring_reduce_scatter(x, &site_ring, staged, staged, NULL, 0, -1);
     }
     if (rc != HC_OK) return rc;
-    /* This rank's S partials: segment lp+1, never sent in step 1. */
-    char *col = staged + (size_t)((lp + 1) % m) * nsites * block * es;
     int64_t t1 = hc_now_ns();
-    uint64_t wan0 = atomic_load(&c->bytes_sent_intersite);
-    hc_ring col_ring;
-    hc_ring_init(x, &col_ring, column, nsites, (size_t)nsites * block, 0, op->codec ? sizeof(float) : es);
     if (op->codec != HC_CODEC_NONE)
-        rc = across_sites_codec(x, &col_ring, col, divide_by);
+        rc = across_sites_codec(x, &col_ring, col, divide_by, residual);
     else
         rc = hc_ring_reduce_scatter(x, &col_ring, col, col, op->recvbuf, divide_by, -1);
     if (hc_log_enabled(HC_LOG_DEBUG))
-        hc_log(HC_LOG_DEBUG, "%s: rank %d: hierarchical reduce_scatter #%" PRIu64 ": in-site %.1f ms, across sites "
-               "%.1f ms (%llu bytes sent)", c->name, c->rank, op->seq, (t1 - t0) / 1e6, (hc_now_ns() - t1) / 1e6,
+        hc_log(HC_LOG_DEBUG, "%s: rank %d: hierarchical reduce_scatter #%" PRIu64 ": in-site %.1f ms, then across "
+               "sites %.1f ms (%llu bytes sent in all)", c->name, c->rank, op->seq, (t1 - t0) / 1e6, (hc_now_ns() - t1) / 1e6,
                (unsigned long long)(atomic_load(&c->bytes_sent_intersite) - wan0));
     return rc;
 }

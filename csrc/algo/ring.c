@@ -27,6 +27,9 @@ void hc_ring_init(hc_exec *x, hc_ring *g, const int *members, int n, size_t coun
     g->es = esize;
     g->count = count;
     g->block = block;
+    g->on_final = NULL;
+    g->on_final_ctx = NULL;
+    g->first_sent = 0;
     /* Pieces of chunk_bytes at most, but at least a few per segment so that
      * medium messages still pipeline (not below 256 KiB: each piece costs a
      * message and, often, a thread wake-up). */
@@ -61,8 +64,8 @@ int hc_ring_recv(hc_exec *x, const hc_ring *g, size_t bytes, hc_msg **m) {
     return rc;
 }
 
-int hc_ring_send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf) {
-    for (size_t k = 0, np = hc_ring_pieces(g, seg); k < np; k++) {
+static int send_pieces(hc_exec *x, const hc_ring *g, int seg, size_t from, size_t to, const char *buf) {
+    for (size_t k = from; k < to; k++) {
         size_t off, len;
         hc_ring_piece(g, seg, k, &off, &len);
         int rc = hc_xsend(x, g->next, buf + hc_ring_at(g, seg, off), len * g->es);
@@ -71,12 +74,22 @@ int hc_ring_send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf)
     return HC_OK;
 }
 
+int hc_ring_send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf) {
+    return send_pieces(x, g, seg, 0, hc_ring_pieces(g, seg), buf);
+}
+
+int hc_ring_send_first(hc_exec *x, hc_ring *g, const char *in, size_t upto) {
+    int rc = send_pieces(x, g, g->pos, g->first_sent, upto, in);
+    if (rc == HC_OK) g->first_sent = upto;
+    return rc;
+}
+
 int hc_ring_reduce_scatter(hc_exec *x, const hc_ring *g, const char *in, char *work, char *last,
                            int divide_by, int final_group) {
     hc_op *op = x->op;
     int n = g->n;
     x->tx_group = 0;
-    int rc = hc_ring_send_segment(x, g, g->pos, in);
+    int rc = send_pieces(x, g, g->pos, g->first_sent, hc_ring_pieces(g, g->pos), in);
     for (int s = 0; rc == HC_OK && s < n - 1; s++) {
         int seg = hc_mod(g->pos - s - 1, n);
         int final = s == n - 2;
@@ -89,6 +102,7 @@ int hc_ring_reduce_scatter(hc_exec *x, const hc_ring *g, const char *in, char *w
             hc_reduce_kernel(dst, in + hc_ring_at(g, seg, off), m->data, len, op->dtype, op->redop);
             hc_xrelease(x, m);
             if (final && divide_by > 1) hc_divide_kernel(dst, len, op->dtype, divide_by);
+            if (final && g->on_final && (rc = g->on_final(x, g, seg, k, g->on_final_ctx)) != HC_OK) break;
             if (!final || final_group >= 0) {
                 x->tx_group = final ? final_group : 0;
                 rc = hc_xsend(x, g->next, dst, len * g->es);
@@ -114,6 +128,7 @@ int hc_ring_allgather(hc_exec *x, const hc_ring *g, char *out) {
             /* Passed on from where it landed: that region is final, so the
              * zero-copy send needs no further care. */
             if (s < n - 2 && (rc = hc_xsend(x, g->next, dst, len * g->es)) != HC_OK) return rc;
+            if (g->on_final && (rc = g->on_final(x, g, seg, k, g->on_final_ctx)) != HC_OK) return rc;
         }
     }
     return HC_OK;

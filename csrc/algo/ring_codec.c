@@ -69,10 +69,11 @@ static int encode(hc_exec *x, codec_ctx *k, const float *src, size_t off, size_t
     return rc == HC_OK ? rc : hc_xfail(x, rc, "%s", hc_last_error());
 }
 
-/* Sends this rank's own segment, quantized. */
-static int send_own(hc_exec *x, const hc_ring *g, codec_ctx *k, const float *in, int seg, float *residual) {
+/* Sends pieces [from, to) of this rank's own segment, quantized. */
+static int send_own(hc_exec *x, const hc_ring *g, codec_ctx *k, const float *in, int seg, size_t from, size_t to,
+                    float *residual) {
     x->tx_group = 0;
-    for (size_t i = 0, np = hc_ring_pieces(g, seg); i < np; i++) {
+    for (size_t i = from; i < to; i++) {
         size_t off, len;
         hc_ring_piece(g, seg, i, &off, &len);
         uint8_t *enc = slot(k, seg, i);
@@ -107,7 +108,7 @@ static int hop(hc_exec *x, codec_ctx *k, const hc_msg *m, const float *local, si
 static int reduce_scatter(hc_exec *x, const hc_ring *g, codec_ctx *k, const float *in, float *last, int divide_by,
                           float *residual, int share) {
     int n = g->n;
-    int rc = send_own(x, g, k, in, g->pos, residual);
+    int rc = send_own(x, g, k, in, g->pos, g->first_sent, hc_ring_pieces(g, g->pos), residual);
     for (int s = 0; rc == HC_OK && s < n - 1; s++) {
         int seg = hc_mod(g->pos - s - 1, n);
         int final = s == n - 2;
@@ -201,6 +202,14 @@ int hc_ring_codec_decode_piece(hc_exec *x, const hc_ring *g, const hc_msg *m, si
                         x->comm->rank, m->len, enc_size(&k, len));
     if (rc == HC_OK && (rc = hc_codec_decode(k.codec, m->data, len, dst, &k.p)) != HC_OK)
         return hc_xfail(x, rc, "%s", hc_last_error());
+    return rc;
+}
+
+int hc_ring_codec_send_first(hc_exec *x, hc_ring *g, const float *in, size_t upto, float *residual) {
+    codec_ctx k;
+    int rc = setup(x, g, &k);
+    if (rc == HC_OK) rc = send_own(x, g, &k, in, g->pos, g->first_sent, upto, residual);
+    if (rc == HC_OK) g->first_sent = upto;
     return rc;
 }
 
