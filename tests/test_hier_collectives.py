@@ -72,6 +72,23 @@ def _codec_ops(comm, rank: int, size: int, sites: int, count: int, codec: str, s
     assert np.all(np.abs(running) <= b * grow), f"{codec} with error feedback: drift {np.abs(running).max()}"
 
 
+def _half_codec(comm, rank: int, size: int, sites: int, count: int) -> None:
+    """float16 with int8: summed in float16 inside the site (one rounding per
+    addition, m-1 of them), quantized S-1 times in fp32 across sites, rounded
+    to float16 once at the end."""
+    xs = [x.astype(np.float16) for x in inputs(size, count * size, "normal")]
+    mine = [_blocks(x.astype(np.float64), size)[rank] for x in xs]
+    exact = np.sum(mine, axis=0)
+    q = bound("int8", [x.astype(np.float32) for x in mine], sites - 1)
+    u = 2.0**-11
+    per_site = size // sites
+    limit = q + (per_site - 1) * u * np.sum(np.abs(mine), axis=0) + u * (np.abs(exact) + q)
+    out = comm.reduce_scatter(xs[rank], codec="int8")
+    assert out.dtype == np.float16
+    err = np.abs(out.astype(np.float64) - exact)
+    assert np.all(err <= limit * 1.001), f"float16 int8: err {err.max()}"
+
+
 def _hier(rank: int, size: int, sites: int, interleaved: bool, counts: list[int]) -> list[str]:
     import hetcomm
 
@@ -83,6 +100,7 @@ def _hier(rank: int, size: int, sites: int, interleaved: bool, counts: list[int]
             digests.append(_exact_ops(comm, rank, size, sites, count))
             for codec in ("int8", "int4"):
                 _codec_ops(comm, rank, size, sites, count, codec, 6)
+        _half_codec(comm, rank, size, sites, counts[0])
     return digests
 
 

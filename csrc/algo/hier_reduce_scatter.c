@@ -67,14 +67,9 @@ static int ahead(hc_exec *x, const hc_ring *site_ring, int seg, size_t k, void *
     return hc_ring_codec_send_first(x, col, (const float *)a->col_in, upto, a->residual);
 }
 
-static float *residual_of(hc_exec *x, size_t n) {
-    float *r = NULL;
-    if (x->op->opts.residual_key && !(r = hc_residual_get(x->comm, x->op->opts.residual_key, n)))
-        hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for a residual of %zu floats", x->comm->rank, n);
-    return r;
-}
-
-/* Step 2 with the codec, on fp32 (other float types are converted). */
+/* Step 2 with the codec, on fp32: other float types were summed inside the
+ * site in their own type, as an uncompressed reduce-scatter would, and are
+ * converted here. */
 static int across_sites_codec(hc_exec *x, hc_ring *col_ring, char *col, int divide_by, float *residual) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
@@ -110,8 +105,11 @@ int hc_reduce_scatter_hierarchical(hc_exec *x) {
     char *col = staged + col_lo * es;
     hc_ring col_ring;
     hc_ring_init(x, &col_ring, column, nsites, (size_t)nsites * block, 0, op->codec ? sizeof(float) : es);
-    float *residual = op->codec != HC_CODEC_NONE ? residual_of(x, (size_t)nsites * block) : NULL;
-    if (op->opts.residual_key && op->codec != HC_CODEC_NONE && !residual) return HC_ERR_NO_MEMORY;
+    float *residual = NULL;
+    if (op->codec != HC_CODEC_NONE && op->opts.residual_key &&
+        !(residual = hc_residual_get(c, op->opts.residual_key, (size_t)nsites * block)))
+        return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for a residual of %zu floats", c->rank,
+                        (size_t)nsites * block);
     int64_t t0 = hc_now_ns();
     uint64_t wan0 = atomic_load(&c->bytes_sent_intersite);
     int rc = HC_OK;
@@ -133,7 +131,7 @@ int hc_reduce_scatter_hierarchical(hc_exec *x) {
         rc = hc_ring_reduce_scatter(x, &col_ring, col, col, op->recvbuf, divide_by, -1);
     if (hc_log_enabled(HC_LOG_DEBUG))
         hc_log(HC_LOG_DEBUG, "%s: rank %d: hierarchical reduce_scatter #%" PRIu64 ": in-site %.1f ms, then across "
-               "sites %.1f ms (%llu bytes sent in all)", c->name, c->rank, op->seq, (t1 - t0) / 1e6, (hc_now_ns() - t1) / 1e6,
-               (unsigned long long)(atomic_load(&c->bytes_sent_intersite) - wan0));
+               "sites %.1f ms (%llu bytes sent in all)", c->name, c->rank, op->seq, (t1 - t0) / 1e6,
+               (hc_now_ns() - t1) / 1e6, (unsigned long long)(atomic_load(&c->bytes_sent_intersite) - wan0));
     return rc;
 }
