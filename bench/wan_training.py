@@ -160,12 +160,13 @@ def main() -> None:
     base = runs[0]["step_s"]
     print(f"# {args.mode}, 2 sites x 2 ranks, WAN {args.rate} per direction (tbf), {runs[0]['params'] / 1e6:.1f}M "
           f"parameters, batch {args.batch} per rank, {args.steps} steps (first {WARMUP} left out of step time)")
-    print(f"{'run':22} {'step s':>7} {'x first':>7} {'compute':>8} {'fwd':>6} {'bwd+comm':>8} {'opt/outer':>9} "
+    width = max(22, *(len(r["name"]) for r in runs))
+    print(f"{'run':{width}} {'step s':>7} {'x first':>7} {'compute':>8} {'fwd':>6} {'bwd+comm':>8} {'opt/outer':>9} "
           f"{'exposed':>8} {'eval loss':>9} {'WAN MB':>8} {'B/sample':>9}")
     # WAN MB: everything, start-up included; B/sample: bytes of the training loop per trained sample
     for r in runs:
         b = r["breakdown"]
-        print(f"{r['name']:22} {r['step_s']:7.3f} {base / r['step_s']:7.2f} {b['compute_floor_s']:8.3f} "
+        print(f"{r['name']:{width}} {r['step_s']:7.3f} {base / r['step_s']:7.2f} {b['compute_floor_s']:8.3f} "
               f"{b['forward_s']:6.3f} {b['backward_s']:8.3f} {b['optimizer_s']:9.3f} {b['exposed_comm_s']:8.3f} "
               f"{r['final_loss']:9.4f} {r['wan_bytes'] / 1e6:8.1f} {(r['wan_bytes_train'] or 0) / r['samples']:9.0f}")
     if args.plot:
