@@ -87,6 +87,15 @@ def _half_codec(comm, rank: int, size: int, sites: int, count: int) -> None:
     assert out.dtype == np.float16
     err = np.abs(out.astype(np.float64) - exact)
     assert np.all(err <= limit * 1.001), f"float16 int8: err {err.max()}"
+    # The hierarchical allreduce stages float16 through fp32 for the codec
+    # (sums in fp32, S quantizations: S-1 hops and the owner's final one).
+    buf = xs[rank][:count].copy()
+    comm.allreduce(buf, codec="int8")
+    part = [x[:count].astype(np.float64) for x in xs]
+    exact = np.sum(part, axis=0)
+    q = bound("int8", [x.astype(np.float32) for x in part], sites)
+    err = np.abs(buf.astype(np.float64) - exact)
+    assert np.all(err <= (q + u * (np.abs(exact) + q)) * 1.001), f"float16 allreduce int8: err {err.max()}"
 
 
 def _hier(rank: int, size: int, sites: int, interleaved: bool, counts: list[int]) -> list[str]:

@@ -25,6 +25,7 @@ void hc_ring_init(hc_exec *x, hc_ring *g, const int *members, int n, size_t coun
     g->next = members[(g->pos + 1) % n];
     g->prev = members[(g->pos - 1 + n) % n];
     g->es = esize;
+    g->dtype = esize == hc_dtype_size(x->op->dtype) ? x->op->dtype : HC_FLOAT32;
     g->count = count;
     g->block = block;
     g->on_final = NULL;
@@ -99,9 +100,9 @@ int hc_ring_reduce_scatter(hc_exec *x, const hc_ring *g, const char *in, char *w
             hc_msg *m;
             if ((rc = hc_ring_recv(x, g, len * g->es, &m)) != HC_OK) break;
             char *dst = final && last ? last + (off - hc_ring_seg_lo(g, seg)) * g->es : work + hc_ring_at(g, seg, off);
-            hc_reduce_kernel(dst, in + hc_ring_at(g, seg, off), m->data, len, op->dtype, op->redop);
+            hc_reduce_kernel(dst, in + hc_ring_at(g, seg, off), m->data, len, g->dtype, op->redop);
             hc_xrelease(x, m);
-            if (final && divide_by > 1) hc_divide_kernel(dst, len, op->dtype, divide_by);
+            if (final && divide_by > 1) hc_divide_kernel(dst, len, g->dtype, divide_by);
             if (final && g->on_final && (rc = g->on_final(x, g, seg, k, g->on_final_ctx)) != HC_OK) break;
             if (!final || final_group >= 0) {
                 x->tx_group = final ? final_group : 0;
@@ -137,7 +138,7 @@ int hc_ring_allgather(hc_exec *x, const hc_ring *g, char *out) {
 int hc_ring_allreduce(hc_exec *x, const hc_ring *g, const void *in, void *out, int divide_by) {
     if (g->n == 1) {
         if (in != out && g->count) memcpy(out, in, g->count * g->es);
-        if (divide_by > 1) hc_divide_kernel(out, g->count, x->op->dtype, divide_by);
+        if (divide_by > 1) hc_divide_kernel(out, g->count, g->dtype, divide_by);
         return HC_OK;
     }
     int rc = hc_ring_reduce_scatter(x, g, in, out, NULL, divide_by, 1);

@@ -20,6 +20,8 @@ struct hc_ring {
     int n, pos, next, prev;
     const int *order;     /* members in ring order */
     size_t es, count, ce; /* element size, elements in total, elements per piece */
+    int dtype;            /* what the reductions add: the op's, or fp32 when the
+                             ring runs on a compressed op's fp32 staging */
     size_t block;         /* 0: segments split one buffer; else segment i is the
                              block (of `block` elements) of rank order[i-1] */
     hc_ring_piece_fn on_final; /* NULL, or called for each piece of the owned
