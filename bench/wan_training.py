@@ -89,7 +89,11 @@ def main() -> None:
     ap.add_argument("--rate", default="1gbit", help="WAN rate per direction (tc units: 1gbit, 100mbit)")
     ap.add_argument("--params", type=parse_count, default=parse_count("25M"), help="model size, e.g. 25M")
     ap.add_argument("--mode", choices=("ddp", "fsdp", "diloco"), default="ddp",
-                    help="fsdp: FSDP2, the codec on its reduce-scatter (every ring link)")
+                    help="fsdp: FSDP2, the codec on its reduce-scatters (inter-site leg)")
+    ap.add_argument("--fsdp-reshard-after-forward", choices=("true", "false"), default="true",
+                    help="fsdp: FSDP2's reshard_after_forward (false: one parameter all-gather a step, not two)")
+    ap.add_argument("--fsdp-param-dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="fsdp: bf16 = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)")
     ap.add_argument("--codec", default="int8", help="codec of the hetcomm run(s); several: int8,int4")
     ap.add_argument("--compare", choices=("gloo", "none"), default="none",
                     help="gloo: run DDP over gloo first, the baseline")
@@ -130,12 +134,15 @@ def main() -> None:
         sys.exit(f"network namespaces unavailable: {why}")
     common = {"params": args.params, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "inner_steps": args.inner_steps, "fragments": args.fragments, "outer_lr": args.outer_lr,
-              "inner_backend": args.inner_backend}
+              "inner_backend": args.inner_backend, "fsdp_reshard": args.fsdp_reshard_after_forward == "true",
+              "fsdp_param_dtype": args.fsdp_param_dtype}
+    fsdp_note = "".join([" no-reshard" if not common["fsdp_reshard"] else "",
+                         " bf16-params" if args.fsdp_param_dtype == "bf16" else ""]) if args.mode == "fsdp" else ""
     configs = []
     if args.compare == "gloo":
         configs.append({"name": "gloo ddp", "backend": "gloo", "mode": "ddp", "codec": "none"})
     for codec in args.codec.split(","):
-        configs.append({"name": f"hetcomm {args.mode} {codec}", "backend": "hetcomm", "mode": args.mode,
+        configs.append({"name": f"hetcomm {args.mode} {codec}{fsdp_note}", "backend": "hetcomm", "mode": args.mode,
                         "codec": codec})
     runs = []
     with tempfile.TemporaryDirectory() as tmp, WanTestbed(sites=2, ranks_per_site=2, wan_rate=args.rate,
@@ -153,12 +160,13 @@ def main() -> None:
     base = runs[0]["step_s"]
     print(f"# {args.mode}, 2 sites x 2 ranks, WAN {args.rate} per direction (tbf), {runs[0]['params'] / 1e6:.1f}M "
           f"parameters, batch {args.batch} per rank, {args.steps} steps (first {WARMUP} left out of step time)")
-    print(f"{'run':22} {'step s':>7} {'x first':>7} {'compute':>8} {'fwd':>6} {'bwd+comm':>8} {'opt/outer':>9} "
+    width = max(22, *(len(r["name"]) for r in runs))
+    print(f"{'run':{width}} {'step s':>7} {'x first':>7} {'compute':>8} {'fwd':>6} {'bwd+comm':>8} {'opt/outer':>9} "
           f"{'exposed':>8} {'eval loss':>9} {'WAN MB':>8} {'B/sample':>9}")
     # WAN MB: everything, start-up included; B/sample: bytes of the training loop per trained sample
     for r in runs:
         b = r["breakdown"]
-        print(f"{r['name']:22} {r['step_s']:7.3f} {base / r['step_s']:7.2f} {b['compute_floor_s']:8.3f} "
+        print(f"{r['name']:{width}} {r['step_s']:7.3f} {base / r['step_s']:7.2f} {b['compute_floor_s']:8.3f} "
               f"{b['forward_s']:6.3f} {b['backward_s']:8.3f} {b['optimizer_s']:9.3f} {b['exposed_comm_s']:8.3f} "
               f"{r['final_loss']:9.4f} {r['wan_bytes'] / 1e6:8.1f} {(r['wan_bytes_train'] or 0) / r['samples']:9.0f}")
     if args.plot:

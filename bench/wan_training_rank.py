@@ -109,12 +109,15 @@ def train(cfg: dict) -> dict:
             net.register_comm_hook(None, hetcomm.ddp_hook(cfg["codec"]))
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     elif cfg["mode"] == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        settings = {"reshard_after_forward": cfg["fsdp_reshard"]}
+        if cfg["fsdp_param_dtype"] == "bf16":
+            settings["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        net = fully_shard(model)
+                fully_shard(layer, **settings)
+        net = fully_shard(model, **settings)
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     else:
         from hetcomm.diloco import DiLoCo, site_group

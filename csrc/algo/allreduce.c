@@ -13,9 +13,9 @@
 #include <string.h>
 
 #include "algo/ring.h"
+#include "algo/sites.h"
 #include "kernels/convert.h"
 
-int hc_sites_uniform(const hc_comm *c);
 int hc_allreduce_hierarchical(hc_exec *x, const void *in, void *out, size_t count, size_t es, int compressed,
                               float *residual);
 

@@ -19,25 +19,7 @@
 #include <string.h>
 
 #include "algo/ring.h"
-
-/* Ranks of `site` in ring order; returns how many. */
-static int site_members(const hc_comm *c, int site, int *out) {
-    int k = 0;
-    for (int i = 0; i < c->size; i++)
-        if (c->peers[c->ring[i]].site == site) out[k++] = c->ring[i];
-    return k;
-}
-
-int hc_sites_uniform(const hc_comm *c) {
-    int first = 0;
-    for (int s = 0; s < c->nsites; s++) {
-        int k = 0;
-        for (int r = 0; r < c->size; r++) k += c->peers[r].site == s;
-        if (s == 0) first = k;
-        if (k != first) return 0;
-    }
-    return first;
-}
+#include "algo/sites.h"
 
 /* What every chunk of a pipelined (compressed) allreduce shares. */
 typedef struct hier {
@@ -202,15 +184,10 @@ int hc_allreduce_hierarchical(hc_exec *x, const void *in, void *out, size_t coun
                               float *residual) {
     hc_comm *c = x->comm;
     int nsites = c->nsites, m = hc_sites_uniform(c);
-    int local[m], column[nsites], tmp[m];
-    site_members(c, c->peers[c->rank].site, local);
-    int lp = 0;
-    for (int i = 0; i < m; i++)
-        if (local[i] == c->rank) lp = i;
-    for (int s = 0; s < nsites; s++) {
-        site_members(c, s, tmp);
-        column[s] = tmp[lp];
-    }
+    int table[nsites * m], column[nsites];
+    int lp = hc_site_table(c, m, table);
+    const int *local = table + c->peers[c->rank].site * m;
+    for (int s = 0; s < nsites; s++) column[s] = table[s * m + lp];
     int divide_by = x->op->redop == HC_AVG ? c->size : 0;
     if (!compressed) return allreduce_phases(x, local, m, column, nsites, in, out, count, es, divide_by);
 

@@ -9,6 +9,7 @@
  * rank (its owner) and every other rank copies the owner's bytes.
  */
 #include "algo/ring.h"
+#include "algo/sites.h"
 
 #include <string.h>
 
@@ -24,8 +25,12 @@ void hc_ring_init(hc_exec *x, hc_ring *g, const int *members, int n, size_t coun
     g->next = members[(g->pos + 1) % n];
     g->prev = members[(g->pos - 1 + n) % n];
     g->es = esize;
+    g->dtype = esize == hc_dtype_size(x->op->dtype) ? x->op->dtype : HC_FLOAT32;
     g->count = count;
     g->block = block;
+    g->on_final = NULL;
+    g->on_final_ctx = NULL;
+    g->first_sent = 0;
     /* Pieces of chunk_bytes at most, but at least a few per segment so that
      * medium messages still pipeline (not below 256 KiB: each piece costs a
      * message and, often, a thread wake-up). */
@@ -60,8 +65,8 @@ int hc_ring_recv(hc_exec *x, const hc_ring *g, size_t bytes, hc_msg **m) {
     return rc;
 }
 
-static int send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf) {
-    for (size_t k = 0, np = hc_ring_pieces(g, seg); k < np; k++) {
+static int send_pieces(hc_exec *x, const hc_ring *g, int seg, size_t from, size_t to, const char *buf) {
+    for (size_t k = from; k < to; k++) {
         size_t off, len;
         hc_ring_piece(g, seg, k, &off, &len);
         int rc = hc_xsend(x, g->next, buf + hc_ring_at(g, seg, off), len * g->es);
@@ -70,12 +75,22 @@ static int send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf) 
     return HC_OK;
 }
 
+int hc_ring_send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf) {
+    return send_pieces(x, g, seg, 0, hc_ring_pieces(g, seg), buf);
+}
+
+int hc_ring_send_first(hc_exec *x, hc_ring *g, const char *in, size_t upto) {
+    int rc = send_pieces(x, g, g->pos, g->first_sent, upto, in);
+    if (rc == HC_OK) g->first_sent = upto;
+    return rc;
+}
+
 int hc_ring_reduce_scatter(hc_exec *x, const hc_ring *g, const char *in, char *work, char *last,
                            int divide_by, int final_group) {
     hc_op *op = x->op;
     int n = g->n;
     x->tx_group = 0;
-    int rc = send_segment(x, g, g->pos, in);
+    int rc = send_pieces(x, g, g->pos, g->first_sent, hc_ring_pieces(g, g->pos), in);
     for (int s = 0; rc == HC_OK && s < n - 1; s++) {
         int seg = hc_mod(g->pos - s - 1, n);
         int final = s == n - 2;
@@ -85,9 +100,10 @@ int hc_ring_reduce_scatter(hc_exec *x, const hc_ring *g, const char *in, char *w
             hc_msg *m;
             if ((rc = hc_ring_recv(x, g, len * g->es, &m)) != HC_OK) break;
             char *dst = final && last ? last + (off - hc_ring_seg_lo(g, seg)) * g->es : work + hc_ring_at(g, seg, off);
-            hc_reduce_kernel(dst, in + hc_ring_at(g, seg, off), m->data, len, op->dtype, op->redop);
+            hc_reduce_kernel(dst, in + hc_ring_at(g, seg, off), m->data, len, g->dtype, op->redop);
             hc_xrelease(x, m);
-            if (final && divide_by > 1) hc_divide_kernel(dst, len, op->dtype, divide_by);
+            if (final && divide_by > 1) hc_divide_kernel(dst, len, g->dtype, divide_by);
+            if (final && g->on_final && (rc = g->on_final(x, g, seg, k, g->on_final_ctx)) != HC_OK) break;
             if (!final || final_group >= 0) {
                 x->tx_group = final ? final_group : 0;
                 rc = hc_xsend(x, g->next, dst, len * g->es);
@@ -113,6 +129,7 @@ int hc_ring_allgather(hc_exec *x, const hc_ring *g, char *out) {
             /* Passed on from where it landed: that region is final, so the
              * zero-copy send needs no further care. */
             if (s < n - 2 && (rc = hc_xsend(x, g->next, dst, len * g->es)) != HC_OK) return rc;
+            if (g->on_final && (rc = g->on_final(x, g, seg, k, g->on_final_ctx)) != HC_OK) return rc;
         }
     }
     return HC_OK;
@@ -121,7 +138,7 @@ int hc_ring_allgather(hc_exec *x, const hc_ring *g, char *out) {
 int hc_ring_allreduce(hc_exec *x, const hc_ring *g, const void *in, void *out, int divide_by) {
     if (g->n == 1) {
         if (in != out && g->count) memcpy(out, in, g->count * g->es);
-        if (divide_by > 1) hc_divide_kernel(out, g->count, x->op->dtype, divide_by);
+        if (divide_by > 1) hc_divide_kernel(out, g->count, g->dtype, divide_by);
         return HC_OK;
     }
     int rc = hc_ring_reduce_scatter(x, g, in, out, NULL, divide_by, 1);
@@ -174,6 +191,7 @@ int hc_reduce_scatter_ring(hc_exec *x) {
         if (op->sendbuf != op->recvbuf && block) memcpy(op->recvbuf, op->sendbuf, block * es);
         return HC_OK;
     }
+    if (hc_sites_hierarchical(c, op)) return hc_reduce_scatter_hierarchical(x);
     if (op->codec != HC_CODEC_NONE) return reduce_scatter_codec(x);
     /* Partial sums cannot go into the caller's input, so they go to a work
      * buffer kept by the communicator. */
@@ -194,6 +212,8 @@ int hc_allgather_ring(hc_exec *x) {
     char *mine = out + (size_t)c->rank * block * es;
     if (op->sendbuf != mine && block) memmove(mine, op->sendbuf, block * es);
     if (c->size == 1) return HC_OK;
+    /* Parameters stay exact: a codec here is only ever asked for per call. */
+    if (op->codec == HC_CODEC_NONE && hc_sites_hierarchical(c, op)) return hc_allgather_hierarchical(x);
     if (op->codec != HC_CODEC_NONE) {
         size_t total = block * (size_t)c->size;
         float *out32 = as_f32(x, HC_SCRATCH_STAGE, op->dtype == HC_FLOAT32 ? out : NULL, total);
@@ -209,6 +229,6 @@ int hc_allgather_ring(hc_exec *x) {
     hc_ring g;
     hc_ring_init(x, &g, c->ring, c->size, block * (size_t)c->size, block, es);
     x->tx_group = 1;
-    int rc = send_segment(x, &g, hc_mod(g.pos + 1, g.n), out); /* own block: segment pos+1 */
+    int rc = hc_ring_send_segment(x, &g, hc_mod(g.pos + 1, g.n), out); /* own block: segment pos+1 */
     return rc == HC_OK ? hc_ring_allgather(x, &g, out) : rc;
 }

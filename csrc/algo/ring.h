@@ -12,13 +12,26 @@
 
 #include "core/internal.h"
 
-typedef struct hc_ring {
+typedef struct hc_ring hc_ring;
+/* Called for each piece that became final at this rank (see below). */
+typedef int (*hc_ring_piece_fn)(hc_exec *x, const hc_ring *g, int seg, size_t piece, void *ctx);
+
+struct hc_ring {
     int n, pos, next, prev;
     const int *order;     /* members in ring order */
     size_t es, count, ce; /* element size, elements in total, elements per piece */
+    int dtype;            /* what the reductions add: the op's, or fp32 when the
+                             ring runs on a compressed op's fp32 staging */
     size_t block;         /* 0: segments split one buffer; else segment i is the
                              block (of `block` elements) of rank order[i-1] */
-} hc_ring;
+    hc_ring_piece_fn on_final; /* NULL, or called for each piece of the owned
+                                  segment the reduce-scatter finished and each
+                                  piece the allgather landed, in order */
+    void *on_final_ctx;
+    size_t first_sent;         /* pieces of segment pos a caller sent ahead of the
+                                  reduce-scatter (hc_ring_send_first and
+                                  hc_ring_codec_send_first); it sends the rest */
+};
 
 /* `members` must contain this rank. */
 void hc_ring_init(hc_exec *x, hc_ring *g, const int *members, int n, size_t count, size_t block, size_t esize);
@@ -33,6 +46,11 @@ static inline size_t hc_ring_pieces(const hc_ring *g, int seg) {
 void hc_ring_piece(const hc_ring *g, int seg, size_t k, size_t *off, size_t *len);
 /* Where an element of segment space lives in a caller's buffer, in bytes. */
 size_t hc_ring_at(const hc_ring *g, int seg, size_t off);
+/* Sends segment `seg` of `buf` to the next member, piece by piece. */
+int hc_ring_send_segment(hc_exec *x, const hc_ring *g, int seg, const char *buf);
+/* Sends the reduce-scatter's first pieces (of segment pos, from `in`) up to
+ * piece `upto` ahead of it, as soon as they are final. */
+int hc_ring_send_first(hc_exec *x, hc_ring *g, const char *in, size_t upto);
 /* Receives the next piece from the previous member and checks its size. */
 int hc_ring_recv(hc_exec *x, const hc_ring *g, size_t bytes, hc_msg **m);
 
@@ -86,7 +104,9 @@ int hc_codec_ring_step(hc_exec *x, hc_codec_ring *r, int stage);
 const uint8_t *hc_codec_ring_final(const hc_codec_ring *r, int seg, size_t piece, size_t *bytes);
 /* Decodes a received encoded piece of `len` elements into dst (checks its size). */
 int hc_codec_ring_decode(hc_exec *x, const hc_codec_ring *r, const hc_msg *m, size_t len, float *dst);
-
+/* hc_ring_send_first for the compressed reduce-scatter: the pieces quantized
+ * (with `residual`, as the reduce-scatter would) and sent. */
+int hc_ring_codec_send_first(hc_exec *x, hc_ring *g, const float *in, size_t upto, float *residual);
 /* Compressed reduce-scatter: the owned segment, in fp32, lands in `last`. */
 int hc_ring_reduce_scatter_codec(hc_exec *x, const hc_ring *g, const float *in, float *last, int divide_by,
                                  float *residual);

@@ -69,10 +69,11 @@ static const float *local_at(const hc_codec_ring *r, int seg, size_t off) {
     return (const float *)((const char *)r->in + hc_ring_at(&r->g, seg, off));
 }
 
-/* Stage 0: sends this rank's own segment, quantized. */
-static int send_own(hc_exec *x, hc_codec_ring *r) {
+/* Sends pieces [from, to) of this rank's own segment, quantized (stage 0
+ * sends those a caller did not send ahead: hc_ring_codec_send_first). */
+static int send_own(hc_exec *x, hc_codec_ring *r, size_t from, size_t to) {
     const hc_ring *g = &r->g;
-    for (size_t i = 0, np = hc_ring_pieces(g, g->pos); i < np; i++) {
+    for (size_t i = from; i < to; i++) {
         size_t off, len;
         hc_ring_piece(g, g->pos, i, &off, &len);
         uint8_t *enc = slot(r, g->pos, i, 0);
@@ -158,7 +159,7 @@ static int gather_step(hc_exec *x, hc_codec_ring *r, int s) {
 int hc_codec_ring_step(hc_exec *x, hc_codec_ring *r, int stage) {
     int n = r->g.n;
     x->tx_group = 1; /* arena slots only: never overwritten within the op */
-    int rc = stage == 0 ? send_own(x, r) : stage < n ? reduce_step(x, r, stage - 1) : gather_step(x, r, stage - n);
+    int rc = stage == 0 ? send_own(x, r, r->g.first_sent, hc_ring_pieces(&r->g, r->g.pos)) : stage < n ? reduce_step(x, r, stage - 1) : gather_step(x, r, stage - n);
     x->tx_group = 0;
     return rc;
 }
@@ -199,6 +200,29 @@ int hc_ring_allreduce_codec(hc_exec *x, const hc_ring *g, const float *in, float
     r.divide_by = divide_by;
     r.share = 1;
     return run_stages(x, &r, 0, hc_codec_ring_stages(&r));
+}
+
+int hc_ring_codec_send_first(hc_exec *x, hc_ring *g, const float *in, size_t upto, float *residual) {
+    codec_ctx k;
+    int rc = setup(x, g, &k);
+    if (rc == HC_OK) rc = send_own(x, g, &k, in, g->pos, g->first_sent, upto, residual);
+    if (rc == HC_OK) g->first_sent = upto;
+    return rc;
+}
+
+int hc_ring_codec_send_first(hc_exec *x, hc_ring *g, const float *in, size_t upto, float *residual) {
+    hc_codec_ring r;
+    hc_codec_ring_init(x, &r, g);
+    r.in = in;
+    r.residual = residual;
+    /* The reduce-scatter that follows takes the same scratch arena, so the
+     * slots sent here stay untouched until the op ends. */
+    int rc = scratch_arena(x, &r);
+    x->tx_group = 1;
+    if (rc == HC_OK) rc = send_own(x, &r, g->first_sent, upto);
+    x->tx_group = 0;
+    if (rc == HC_OK) g->first_sent = upto;
+    return rc;
 }
 
 int hc_ring_reduce_scatter_codec(hc_exec *x, const hc_ring *g, const float *in, float *last, int divide_by,
