@@ -21,7 +21,7 @@ import pytest
 from harness import run_ranks
 from test_collectives import DTYPES, check_allreduce, check_reduce_scatter_allgather, digest, exact_input, ops_for, reference
 
-PATH_NOTE = "shared-memory mailboxes"
+PATH_NOTE = "shared-memory arena"
 COUNTS = [0, 1, 7, 300]
 
 
