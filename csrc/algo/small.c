@@ -65,12 +65,13 @@ static int oversubscribed(const hc_comm *c) {
 }
 
 /* How long a wait polls before it sleeps on the futex: auto is 30 µs of
- * spinning with a core per rank, 100 µs of yielding without (measured on 2
- * cores with 4 ranks: yielding 100-200 µs cut the median call by 20-25 %
- * against sleeping at once; spinning there made it worse). */
+ * spinning with a core per rank, and none without. With the arena a rank
+ * sleeps at most once per collective; on 2 cores with 4 ranks, yielding
+ * 100 µs first doubled the CPU each call took (159-168 against 74-89 µs a
+ * rank) and lengthened the median call when other jobs ran. */
 static long spin_ns(const hc_comm *c) {
     int us = c->cfg.spin_us;
-    if (us < 0) us = oversubscribed(c) ? 100 : 30;
+    if (us < 0) us = oversubscribed(c) ? 0 : 30;
     return (long)us * 1000;
 }
 
