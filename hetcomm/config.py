@@ -172,7 +172,8 @@ class Options:
         if o.shm is None:
             o.shm = env_bool("HETCOMM_SHM", True)
         o.shm_bytes = parse_size(o.shm_bytes) if o.shm_bytes is not None else env_int("HETCOMM_SHM_BYTES", 16 << 20)
-        o.spin_us = o.spin_us if o.spin_us is not None else env_int("HETCOMM_SPIN_US", -1)
+        if o.spin_us is None:  # "-1" (auto, the documented default) is no size, so env_int refuses it
+            o.spin_us = -1 if env_str("HETCOMM_SPIN_US") == "-1" else env_int("HETCOMM_SPIN_US", -1)
         if o.cma is None:
             o.cma = env_bool("HETCOMM_CMA", True)
         o.curve_secret = o.curve_secret or env_str("HETCOMM_CURVE_SECRET")

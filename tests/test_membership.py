@@ -234,7 +234,7 @@ def test_shrink_after_a_failure_keeps_collectives_correct_and_identical():
 
 
 def _small_after_shrink(rank: int, size: int, victim: int) -> tuple:
-    """A rank dies while the others wait on its shared-memory mailbox; the
+    """A rank dies while the others wait for it in the shared-memory arena; the
     three survivors (one host) shrink and run small collectives again."""
     import hetcomm
     from test_small_shm import _watch_path
@@ -248,8 +248,8 @@ def _small_after_shrink(rank: int, size: int, victim: int) -> tuple:
     with pytest.raises(hetcomm.PeerLostError, match=f"rank {victim}") as info:
         for _ in range(100_000):
             comm.allreduce(np.ones(10, np.float32))
-    assert time.monotonic() - t0 < 5.0, "a dead peer's mailbox was waited on too long"
-    assert notes.small > 0, "the small allreduce did not take the mailboxes"
+    assert time.monotonic() - t0 < 5.0, "a dead peer was waited on too long"
+    assert notes.small > 0, "the small allreduce did not take the arena"
     assert info.value.failed_ranks == comm.failed_ranks(timeout=10) == [victim]
     new = comm.shrink([victim])
     assert (new.rank, new.size) == (rank - (rank > victim), size - 1)
@@ -280,7 +280,7 @@ def test_small_collectives_after_a_shrink_on_one_host_are_correct():
 
 
 def _shrink_abort_wakes_small(rank: int, size: int) -> list | None:
-    """Ranks 0 and 1 wait in a small allreduce on rank 2's mailbox (rank 2
+    """Ranks 0 and 1 wait in a small allreduce for rank 2 in the arena (rank 2
     never calls it); shrinking with abort fails that op at once."""
     import hetcomm
 
@@ -292,7 +292,7 @@ def _shrink_abort_wakes_small(rank: int, size: int) -> list | None:
         comm.close()
         return None
     work = comm.allreduce(np.ones(10, np.float32), async_op=True)
-    time.sleep(0.5)  # the worker is asleep in the mailbox wait by now
+    time.sleep(0.5)  # the worker is asleep in the arena wait by now
     t0 = time.monotonic()
     new = comm.shrink([2], abort=True)
     with pytest.raises(hetcomm.AbortedError, match="HC_SHRINK_ABORT|shrunk"):
@@ -308,7 +308,7 @@ def _shrink_abort_wakes_small(rank: int, size: int) -> list | None:
 
 
 @pytest.mark.timeout(90)
-def test_shrink_with_abort_wakes_a_small_collective_waiting_on_a_mailbox():
+def test_shrink_with_abort_wakes_a_small_collective_waiting_in_the_arena():
     results = run_ranks(_shrink_abort_wakes_small, 3, timeout=80)
     assert results[:2] == [[True], [True]], results
 

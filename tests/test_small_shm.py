@@ -1,4 +1,4 @@
-"""Small collectives through the shared-memory mailboxes (csrc/algo/small.c).
+"""Small collectives through the shared-memory arena (csrc/algo/small.c).
 
 Allreduce, allgather, reduce_scatter and barrier below ``small_bytes``
 between ranks of one host skip the sockets. These tests check that they do
@@ -21,12 +21,12 @@ import pytest
 from harness import run_ranks
 from test_collectives import DTYPES, check_allreduce, check_reduce_scatter_allgather, digest, exact_input, ops_for, reference
 
-PATH_NOTE = "shared-memory mailboxes"
+PATH_NOTE = "shared-memory arena"
 COUNTS = [0, 1, 7, 300]
 
 
 class _Notes(logging.Handler):
-    """Counts the core's debug lines that say a collective took the mailboxes."""
+    """Counts the core's debug lines that say a collective took the arena."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -72,7 +72,7 @@ def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
 def test_small_collectives_every_dtype_and_op_match_numpy(world_size):
     results = run_ranks(_matrix, world_size, timeout=280)
     for rank, (hashes, calls, small) in enumerate(results):
-        assert small == calls, f"rank {rank}: {small} of {calls} calls took the mailboxes"
+        assert small == calls, f"rank {rank}: {small} of {calls} calls took the arena"
     # allreduce must be bit-identical on every rank (reduce_scatter and
     # allgather results differ per rank by design and are checked above)
     assert all({k: v[0] for k, v in r[0].items()} == {k: v[0] for k, v in results[0][0].items()}
@@ -114,6 +114,40 @@ def _bigger_than_small_bytes(rank: int, size: int) -> tuple[int, bool]:
 @pytest.mark.timeout(60)
 def test_above_small_bytes_the_socket_algorithms_run():
     assert run_ranks(_bigger_than_small_bytes, 2, timeout=50) == [(0, True), (0, True)]
+
+
+def _between_socket_ops(rank: int, size: int, rounds: int) -> tuple[int, int]:
+    """Small collectives with socket-path collectives between them that let
+    some ranks finish early (a broadcast root, a gather's senders): a rank
+    that runs ahead must not refill an arena region another rank still reads."""
+    import hetcomm
+
+    notes = _watch_path()
+    wrong = 0
+    with hetcomm.Communicator(rank, size, timeout=60) as comm:
+        for i in range(rounds):
+            root = i % size
+            b = np.full(3, rank * 1000 + i, np.int64)
+            comm.broadcast(b, root=root)
+            wrong += int(not (b == root * 1000 + i).all())
+            g = comm.allgather(np.full(5, rank + i, np.int32))
+            wrong += int(not (g == (np.arange(size) + i)[:, None]).all())
+            comm.gather(np.full(2, rank, np.float32), root=root)
+            x = np.full(7, float(rank + i), np.float64)
+            comm.allreduce(x)
+            wrong += int(not (x == sum(range(size)) + size * i).all())
+            rs = comm.reduce_scatter(np.arange(size * 4, dtype=np.int64) + i)
+            wrong += int(not (rs == size * (np.arange(rank * 4, rank * 4 + 4) + i)).all())
+    return wrong, notes.small
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_small_collectives_between_socket_collectives_that_end_early(world_size):
+    rounds = 150
+    for rank, (wrong, small) in enumerate(run_ranks(_between_socket_ops, world_size, rounds, timeout=100)):
+        assert wrong == 0, f"rank {rank}: {wrong} wrong results"
+        assert small == 3 * rounds, f"rank {rank}: {small} of {3 * rounds} small calls took the arena"
 
 
 def _mismatched(rank: int, size: int, case: str) -> str:
@@ -193,7 +227,7 @@ def test_dead_peer_in_a_small_collective_is_reported_naming_it():
 
 
 def _abort_while_waiting(comm, rank: int) -> None:
-    if rank == 0:  # rank 1 is asleep: rank 0 sleeps in its mailbox wait until the abort
+    if rank == 0:  # rank 1 is asleep: rank 0 sleeps in its arena wait until the abort
         threading.Timer(0.5, comm.abort, args=("user pressed stop",)).start()
         comm.allreduce(np.ones(10, np.float32))
     else:

@@ -33,7 +33,7 @@
 #include "core/internal.h"
 #include "transport/cma.h"
 
-/* Below this a collective stays on the rings (and, smaller still, the mailboxes). */
+/* Below this a collective stays on the rings (and, smaller still, the arena). */
 #define MIN_BYTES (1u << 20)
 /* Peers' pieces are folded in blocks this size: read into scratch and
  * reduced while the scratch and the output block are still in L2. */

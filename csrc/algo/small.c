@@ -1,19 +1,20 @@
 /*
  * Small collectives between ranks of one host, through the shared-memory
- * mailboxes (transport/mailbox.h): one direct exchange instead of log2(n)
- * or n-1 socket rounds.
+ * arena (transport/arena.h): one arrival barrier instead of log2(n) or n-1
+ * socket rounds, and at most one sleep per rank.
  *
- * Every rank writes its part for each peer into that peer's mailbox, then
- * reads what every peer wrote for it, in rank order. Allreduce and
- * reduce_scatter fold the contributions in rank order 0, 1, ..., n-1 on every
- * rank with the same kernel, so all ranks end with the same bits (NaN
- * payloads included) without a second pass.
+ * Every rank copies its input (with its call's wire header) into its slot of
+ * the arena and counts itself in; the last to arrive wakes all the others at
+ * once. Then each rank reads the slots it needs: allreduce and
+ * reduce_scatter fold the contributions in rank order 0, 1, ..., n-1 on
+ * every rank with the same kernel, so all ranks end with the same bits (NaN
+ * payloads included) whichever rank arrived last.
  *
- * Each slot carries the sender's wire header, so a mismatched call is the
- * same MismatchError as over the sockets. Waits spin briefly, then sleep on
- * the futex in slices; between slices they serve the sockets (an ABORT, a
- * peer that took the socket path for this collective), abort requests, the
- * peer's connection, signals and the op's timeout.
+ * Each slot carries its rank's wire header, so a mismatched call is the same
+ * MismatchError as over the sockets, raised on every rank. Waits spin
+ * briefly, then sleep on the futex in slices; between slices they serve the
+ * sockets (an ABORT, a peer that took the socket path for this collective),
+ * abort requests, the peers' connections, signals and the op's timeout.
  */
 #include <inttypes.h>
 #include <sched.h>
@@ -26,15 +27,16 @@
 /* Futex sleeps are cut into slices this long to look at the sockets. */
 #define SLICE_US 2000
 
-int hc_small_links_ok(const hc_comm *c) {
-    if (!c->cfg.shm_enable) return 0;
-    for (int r = 0; r < c->size; r++)
-        if (r != c->rank && !(c->peers[r].tx_mbox_ok && c->peers[r].rx_mbox)) return 0;
-    return 1;
-}
+int hc_small_links_ok(const hc_comm *c) { return c->cfg.shm_enable && c->arena; }
 
-/* The bytes one rank sends one peer in this op. */
+/* The bytes of one rank's share: its input (allreduce, allgather), its output (reduce_scatter). */
 static size_t part_bytes(const hc_op *op) { return op->count * hc_dtype_size(op->dtype); }
+
+/* The bytes a rank puts into its slot. */
+static size_t input_bytes(const hc_comm *c, const hc_op *op) {
+    if (op->kind == HC_OP_BARRIER) return 0;
+    return op->kind == HC_OP_REDUCE_SCATTER ? part_bytes(op) * (size_t)c->size : part_bytes(op);
+}
 
 int hc_small_fits(const hc_comm *c, const hc_op *op) {
     if (!c->small_shm || op->codec != HC_CODEC_NONE) return 0;
@@ -50,28 +52,52 @@ int hc_small_fits(const hc_comm *c, const hc_op *op) {
     case HC_OP_BARRIER: return 1;
     default: return 0;
     }
-    return whole <= c->cfg.small_bytes && part <= HC_MBOX_SLOT_BYTES;
+    return whole <= c->cfg.small_bytes && input_bytes(c, op) <= HC_ARENA_SLOT_BYTES;
 }
 
-static int oversubscribed(const hc_comm *c) { return sysconf(_SC_NPROCESSORS_ONLN) < c->size; }
+/* More ranks than cores. glibc's sysconf reads /sys on every call (an
+ * open, a read and a close: several µs), so the count is read once. */
+static int oversubscribed(const hc_comm *c) {
+    static _Atomic long cores;
+    long n = atomic_load_explicit(&cores, memory_order_relaxed);
+    if (!n) atomic_store_explicit(&cores, n = sysconf(_SC_NPROCESSORS_ONLN), memory_order_relaxed);
+    return n < c->size;
+}
 
 /* How long a wait polls before it sleeps on the futex: auto is 30 µs of
- * spinning with a core per rank, 100 µs of yielding without (measured on 2
- * cores with 4 ranks: yielding 100-200 µs cut the median call by 20-25 %
- * against sleeping at once; spinning there made it worse). */
+ * spinning with a core per rank, and none without. With the arena a rank
+ * sleeps at most once per collective; on 2 cores with 4 ranks, yielding
+ * 100 µs first doubled the CPU each call took (159-168 against 74-89 µs a
+ * rank) and lengthened the median call when other jobs ran. */
 static long spin_ns(const hc_comm *c) {
     int us = c->cfg.spin_us;
-    if (us < 0) us = oversubscribed(c) ? 100 : 30;
+    if (us < 0) us = oversubscribed(c) ? 0 : 30;
     return (long)us * 1000;
 }
 
+/* This collective's slot of rank r, when r filled it. */
+static hc_arena_slot *posted_slot(hc_comm *c, const hc_op *op, int r) {
+    hc_arena_slot *s = hc_arena_slot_of(c->arena, op->seq, r);
+    if (atomic_load_explicit(&s->posted, memory_order_acquire) != (uint32_t)op->seq || s->h.seq != op->seq)
+        return NULL;
+    return s;
+}
+
+/* The first rank that has not arrived at this collective, or -1. */
+static int first_missing(hc_comm *c, const hc_op *op) {
+    for (int r = 0; r < c->size; r++)
+        if (!posted_slot(c, op, r)) return r;
+    return -1;
+}
+
 static int wait_failed(hc_exec *x, int peer, const char *what, int64_t start) {
-    char who[160];
+    char who[160] = "the other ranks";
+    if (peer >= 0) hc_peer_desc(x->comm, peer, who, sizeof who);
     return hc_xfail(x, HC_ERR_TIMEOUT,
                     "rank %d timed out after %d ms waiting for %s to %s in %s #%" PRIu64
                     "; that rank is slower, stuck, dead, or not calling this collective",
-                    x->comm->rank, (int)((hc_now_ns() - start) / 1000000), hc_peer_desc(x->comm, peer, who, sizeof who),
-                    what, hc_op_kind_name(x->op->kind), x->op->seq);
+                    x->comm->rank, (int)((hc_now_ns() - start) / 1000000), who, what,
+                    hc_op_kind_name(x->op->kind), x->op->seq);
 }
 
 /* A peer that ran this collective over the sockets: its call differs (or
@@ -92,11 +118,11 @@ static int socket_path_taken(hc_exec *x) {
     return HC_OK;
 }
 
-int hc_small_check_mailboxes(hc_comm *c, hc_op *op) {
+int hc_small_check_arena(hc_comm *c, hc_op *op) {
+    if (!c->arena) return HC_OK;
     for (int r = 0; r < c->size; r++) {
-        if (r == c->rank || !c->peers[r].rx_mbox) continue;
-        hc_mbox_slot *s = hc_mbox_slot_for(c->peers[r].rx_mbox, op->seq);
-        if (!hc_mbox_holds(&s->ready, (uint32_t)op->seq) || s->h.seq != op->seq) continue;
+        hc_arena_slot *s = r == c->rank ? NULL : posted_slot(c, op, r);
+        if (!s) continue;
         int rc = hc_progress_check_header(c, op, &s->h);
         if (rc != HC_OK) return rc;
         char who[160];
@@ -108,38 +134,52 @@ int hc_small_check_mailboxes(hc_comm *c, hc_op *op) {
     return HC_OK;
 }
 
-/* Waits until `w` holds `want` (the peer wrote or read slot `seq`). */
-static int wait_word(hc_exec *x, hc_mbox_word *w, uint32_t want, int peer, const char *what) {
-    if (hc_mbox_holds(w, want)) return HC_OK;
+/* Between sleeps: the sockets, abort requests, and the connections of the
+ * ranks that have not arrived (all of them when `arrival` is 0). */
+static int serve(hc_exec *x, int arrival) {
+    hc_comm *c = x->comm;
+    for (int r = 0; r < c->size; r++) {
+        if (r == c->rank || (arrival && posted_slot(c, x->op, r))) continue;
+        int rc = hc_progress_poll(c, x->op, r, 0);
+        if (rc != HC_OK) return rc;
+    }
+    return socket_path_taken(x);
+}
+
+/* Waits until `w` holds `want`: every rank arrived at this collective
+ * (`arrival`), or left the one before it in this region. */
+static int wait_word(hc_exec *x, hc_shm_word *w, uint32_t want, int arrival) {
+    if (hc_shm_word_holds(w, want)) return HC_OK;
     hc_comm *c = x->comm;
     int64_t start = hc_now_ns(), spin_until = start + spin_ns(c);
-    /* Spinning only pays when the peer runs meanwhile; with more ranks than
+    /* Spinning only pays when the peers run meanwhile; with more ranks than
      * cores the waiter yields its core instead, so a peer that is runnable
      * (just woken) gets it without a futex round trip. */
     int yield = oversubscribed(c);
     while (hc_now_ns() < spin_until) {
         if (yield) {
-            if (hc_mbox_holds(w, want)) return HC_OK;
+            if (hc_shm_word_holds(w, want)) return HC_OK;
             sched_yield();
             continue;
         }
         for (int k = 0; k < 64; k++) {
-            if (hc_mbox_holds(w, want)) return HC_OK;
+            if (hc_shm_word_holds(w, want)) return HC_OK;
             __builtin_ia32_pause();
         }
     }
     int64_t deadline = x->timeout_ms < 0 ? INT64_MAX : start + (int64_t)x->timeout_ms * 1000000;
     for (;;) {
-        int got = hc_mbox_sleep(w, want, SLICE_US);
+        int got = hc_shm_word_sleep(w, want, SLICE_US);
         if (got == 1) return HC_OK;
         if (got < 0 && !hc_on_worker)
             return hc_xfail(x, HC_ERR_INTERRUPTED, "rank %d: %s #%" PRIu64 " interrupted by a signal", c->rank,
                             hc_op_kind_name(x->op->kind), x->op->seq);
-        int rc = hc_progress_poll(c, x->op, peer, 0);
-        if (rc == HC_OK) rc = socket_path_taken(x);
+        int rc = serve(x, arrival);
         if (rc != HC_OK) return rc;
-        if (hc_mbox_holds(w, want)) return HC_OK;
-        if (hc_now_ns() >= deadline) return wait_failed(x, peer, what, start);
+        if (hc_shm_word_holds(w, want)) return HC_OK;
+        if (hc_now_ns() >= deadline)
+            return arrival ? wait_failed(x, first_missing(c, x->op), "arrive", start)
+                           : wait_failed(x, -1, "finish the previous small collective", start);
     }
 }
 
@@ -159,15 +199,11 @@ static int catch_up(hc_exec *x, int peer, uint32_t sent) {
     return HC_OK;
 }
 
-/* Fills this rank's slot of `seq` in the mailbox to `peer` and publishes it. */
-static int post(hc_exec *x, int peer, const void *buf, size_t len) {
+/* Fills this rank's slot with its call and input, and publishes it. */
+static void post(hc_exec *x, hc_arena_slot *s) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
-    hc_mbox_slot *s = hc_mbox_slot_for(c->peers[peer].tx_mbox, op->seq);
-    /* The slot's previous occupant must have been read. */
-    uint32_t prev = atomic_load_explicit(&s->ready.value, memory_order_relaxed);
-    int rc = wait_word(x, &s->ack, prev, peer, "read the previous small collective");
-    if (rc != HC_OK) return rc;
+    size_t len = input_bytes(c, op);
     hc_wire_header_init(&s->h, c, HC_MSG_DATA);
     s->h.op = (uint8_t)op->kind;
     s->h.dtype = (uint8_t)op->dtype;
@@ -176,99 +212,80 @@ static int post(hc_exec *x, int peer, const void *buf, size_t len) {
     s->h.seq = op->seq;
     s->h.count = op->count;
     s->h.len = len;
-    s->h.part = c->peers[peer].tx_data;
-    if (len) memcpy(s->data, buf, len);
-    hc_mbox_post(&s->ready, (uint32_t)op->seq);
+    for (int r = 0; r < c->size; r++) s->sent[r] = c->peers[r].tx_data;
+    if (len) memcpy(hc_arena_data(c->arena, s), op->sendbuf, len);
+    atomic_store_explicit(&s->posted, (uint32_t)op->seq, memory_order_release);
     atomic_fetch_add_explicit(&c->bytes_sent, len, memory_order_relaxed);
-    return HC_OK;
 }
 
-/* Waits for `peer`'s slot of this op, checks it is the same call, and
- * returns its payload (read it, then hc_small_done). */
-static int collect(hc_exec *x, int peer, size_t len, const uint8_t **data) {
+/* Every rank arrived: checks that each made the same call, and that the
+ * socket messages each sent this rank before it are in. */
+static int check_peers(hc_exec *x) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
-    hc_mbox_slot *s = hc_mbox_slot_for(c->peers[peer].rx_mbox, op->seq);
-    int rc = wait_word(x, &s->ready, (uint32_t)op->seq, peer, "send its part");
-    if (rc != HC_OK) return rc;
-    if ((rc = hc_progress_check_header(c, op, &s->h)) != HC_OK) return rc;
-    if ((rc = catch_up(x, peer, s->h.part)) != HC_OK) return rc;
-    if (s->h.len != len) {
-        char who[160];
-        return hc_xfail(x, HC_ERR_MISMATCH, "%s sent %" PRIu64 " bytes where rank %d expected %zu in %s #%" PRIu64,
-                        hc_peer_desc(c, peer, who, sizeof who), s->h.len, c->rank, len, hc_op_kind_name(op->kind),
-                        op->seq);
+    size_t len = input_bytes(c, op);
+    for (int r = 0; r < c->size; r++) {
+        if (r == c->rank) continue;
+        hc_arena_slot *s = hc_arena_slot_of(c->arena, op->seq, r);
+        int rc = hc_progress_check_header(c, op, &s->h);
+        if (rc == HC_OK && s->h.len != len) {
+            char who[160];
+            rc = hc_xfail(x, HC_ERR_MISMATCH, "%s sent %" PRIu64 " bytes where rank %d expected %zu in %s #%" PRIu64,
+                          hc_peer_desc(c, r, who, sizeof who), s->h.len, c->rank, len, hc_op_kind_name(op->kind),
+                          op->seq);
+        }
+        if (rc == HC_OK) rc = catch_up(x, r, s->sent[c->rank]);
+        if (rc != HC_OK) return rc;
     }
-    *data = s->data;
     return HC_OK;
 }
 
-/* Hands `peer`'s slot of this op back to it. */
-static void done(hc_exec *x, int peer) {
-    hc_mbox_slot *s = hc_mbox_slot_for(x->comm->peers[peer].rx_mbox, x->op->seq);
-    hc_mbox_post(&s->ack, (uint32_t)x->op->seq);
-}
-
-/* out = fold over ranks 0..n-1, in that order, of each rank's `count`
- * elements (this rank's at `mine`). */
-static int fold(hc_exec *x, const void *mine, void *out) {
+/* out = fold over ranks 0..n-1, in that order, of the `count` elements at
+ * byte `offset` of each rank's slot. */
+static void fold(hc_exec *x, size_t offset, void *out) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
     size_t len = part_bytes(op);
-    int rc = HC_OK;
-    const char *m = mine, *o = out;
-    if (c->rank != 0 && len && m < o + len && o < m + len) {
-        /* In place: the fold overwrites this rank's data before its turn. */
-        void *copy = hc_comm_scratch(c, HC_SCRATCH_TMP, len);
-        if (!copy) return hc_xfail(x, HC_ERR_NO_MEMORY, "rank %d: no memory for %zu bytes", c->rank, len);
-        mine = memcpy(copy, mine, len);
-    }
-    for (int r = 0; r < c->size && rc == HC_OK; r++) {
-        const uint8_t *theirs = mine;
-        if (r != c->rank && (rc = collect(x, r, len, &theirs)) != HC_OK) break;
+    for (int r = 0; r < c->size; r++) {
+        const uint8_t *theirs = hc_arena_data(c->arena, hc_arena_slot_of(c->arena, op->seq, r)) + offset;
         if (r == 0) {
-            if (out != (const void *)theirs && len) memcpy(out, theirs, len);
+            if (len) memcpy(out, theirs, len);
         } else {
             hc_reduce_kernel(out, out, theirs, op->count, op->dtype, op->redop);
         }
-        if (r != c->rank) done(x, r);
     }
-    if (rc == HC_OK && op->redop == HC_AVG) hc_divide_kernel(out, op->count, op->dtype, c->size);
-    return rc;
+    if (op->redop == HC_AVG) hc_divide_kernel(out, op->count, op->dtype, c->size);
 }
 
 int hc_small_run(hc_exec *x) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
+    hc_arena *a = c->arena;
     size_t len = part_bytes(op);
-    const char *in = op->sendbuf;
-    char *out = op->recvbuf;
-    int n = c->size, me = c->rank, rc = HC_OK;
+    int me = c->rank, rc = HC_OK;
     if (hc_log_enabled(HC_LOG_DEBUG))
-        hc_log(HC_LOG_DEBUG, "%s: rank %d: %s #%" PRIu64 " of %zu bytes a peer (%s): shared-memory mailboxes", c->name,
-               me, hc_op_kind_name(op->kind), op->seq, len, hc_dtype_name(op->dtype));
-    for (int k = 1; k < n && rc == HC_OK; k++) { /* the next rank first: in a ring of waits, no rank waits on all */
-        int r = (me + k) % n;
-        const char *part = op->kind == HC_OP_REDUCE_SCATTER ? in + (size_t)r * len : in;
-        rc = post(x, r, part, len);
-    }
-    if (rc != HC_OK) return rc;
-    switch (op->kind) {
-    case HC_OP_ALLREDUCE: return fold(x, in, out);
-    case HC_OP_REDUCE_SCATTER: {
-        /* This rank's block of its own input; the output may be any buffer. */
-        return fold(x, in + (size_t)me * len, out);
-    }
-    case HC_OP_ALLGATHER:
-        if (len && out + (size_t)me * len != in) memmove(out + (size_t)me * len, in, len);
-        /* fallthrough */
-    default:
-        for (int r = 0; r < n && rc == HC_OK; r++) {
-            const uint8_t *theirs;
-            if (r == me || (rc = collect(x, r, len, &theirs)) != HC_OK) continue;
-            if (op->kind == HC_OP_ALLGATHER && len) memcpy(out + (size_t)r * len, theirs, len);
-            done(x, r);
-        }
+        hc_log(HC_LOG_DEBUG, "%s: rank %d: %s #%" PRIu64 " of %zu bytes a rank (%s): shared-memory arena", c->name, me,
+               hc_op_kind_name(op->kind), op->seq, len, hc_dtype_name(op->dtype));
+    /* The region's previous collective must be over on every rank. */
+    uint64_t *last = &c->arena_seq[op->seq % HC_ARENA_REGIONS];
+    if (*last && (rc = wait_word(x, hc_arena_freed(a, op->seq), (uint32_t)*last, 0)) != HC_OK) return rc;
+    *last = op->seq;
+    post(x, hc_arena_slot_of(a, op->seq, me));
+    if (hc_arena_arrive(a, op->seq))
+        hc_arena_publish(a, op->seq);
+    else if ((rc = wait_word(x, hc_arena_generation(a, op->seq), (uint32_t)op->seq, 1)) != HC_OK)
         return rc;
+    if ((rc = check_peers(x)) != HC_OK) return rc;
+    char *out = op->recvbuf;
+    switch (op->kind) {
+    case HC_OP_ALLREDUCE: fold(x, 0, out); break;
+    case HC_OP_REDUCE_SCATTER: fold(x, (size_t)me * len, out); break;
+    case HC_OP_ALLGATHER:
+        for (int r = 0; r < c->size && len; r++)
+            memcpy(out + (size_t)r * len, hc_arena_data(a, hc_arena_slot_of(a, op->seq, r)), len);
+        break;
+    default: break;
     }
+    hc_arena_leave(a, op->seq);
+    return HC_OK;
 }

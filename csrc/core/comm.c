@@ -40,9 +40,8 @@ static void free_comm(hc_comm *c) {
     for (int r = 0; c->peers && r < c->size; r++) {
         hc_lane_close(c->peers[r].tx_lane);
         hc_lane_close(c->peers[r].rx_lane);
-        hc_mbox_close(c->peers[r].tx_mbox);
-        hc_mbox_close(c->peers[r].rx_mbox);
     }
+    hc_arena_close(c->arena);
     for (hc_msg *m = c->free_msgs, *next; m; m = next) {
         next = m->next;
         free(m);
@@ -221,24 +220,37 @@ void hc_lane_name(const hc_comm *c, int src, int dst, char *buf, size_t len) {
     snprintf(buf, len, "/hc-%016llx-%d-%d", (unsigned long long)c->cfg.comm_id, src, dst);
 }
 
-void hc_mbox_name(const hc_comm *c, int src, int dst, char *buf, size_t len) {
-    snprintf(buf, len, "/hc-%016llx-%d-%d-mbox", (unsigned long long)c->cfg.comm_id, src, dst);
+void hc_arena_name(const hc_comm *c, char *buf, size_t len) {
+    snprintf(buf, len, "/hc-%016llx-arena", (unsigned long long)c->cfg.comm_id);
 }
 
-/* Lanes (and mailboxes) to same-site peers that say they run on this host; each is used only
- * once the peer confirms it mapped it (see the handshake). */
+static int local_peer(const hc_comm *c, const hc_peer *p) {
+    return !p->inherited && p->site == c->peers[c->rank].site && strcmp(p->host, c->host) == 0;
+}
+
+/* Lanes to same-site peers that say they run on this host; each is used only
+ * once the peer confirms it mapped it (see the handshake). When every rank
+ * runs here, rank 0 also creates the arena for small collectives; it is used
+ * only once every rank said it mapped it. */
 static void open_lanes(hc_comm *c) {
     if (!c->cfg.shm_enable || !*c->host) return;
     size_t nslots = c->cfg.shm_bytes / c->cfg.chunk_bytes;
+    int all_local = 1;
     for (int r = 0; r < c->size; r++) {
         hc_peer *p = &c->peers[r];
-        if (r == c->rank || p->inherited || p->site != c->peers[c->rank].site || strcmp(p->host, c->host) != 0)
+        if (r == c->rank) continue;
+        if (!local_peer(c, p)) {
+            all_local = 0;
             continue;
+        }
         char name[64];
         hc_lane_name(c, c->rank, r, name, sizeof name);
         p->tx_lane = hc_lane_create(name, nslots < 2 ? 2 : (uint32_t)nslots, c->cfg.chunk_bytes);
-        hc_mbox_name(c, c->rank, r, name, sizeof name);
-        if (p->tx_lane) p->tx_mbox = hc_mbox_create(name);
+    }
+    if (all_local && c->rank == 0 && c->size > 1) {
+        char name[64];
+        hc_arena_name(c, name, sizeof name);
+        c->arena = hc_arena_create(name, c->size);
     }
 }
 

@@ -12,7 +12,7 @@
 
 #include "core/errors.h"
 #include "hetcomm.h"
-#include "transport/mailbox.h"
+#include "transport/arena.h"
 #include "transport/shm.h"
 #include "transport/wire.h"
 #include "transport/zmq_lib.h"
@@ -128,10 +128,7 @@ typedef struct hc_peer {
     struct hc_pending *pend_head, *pend_tail; /* zero-copy sends waiting for a lane slot */
     hc_lane *rx_lane;     /* payloads from this peer */
     int tx_lane_ok;
-    hc_mbox *tx_mbox;     /* small collectives to this peer (see algo/small.c) */
-    hc_mbox *rx_mbox;     /* and from it */
-    int tx_mbox_ok;       /* it mapped tx_mbox */
-    int mbox_all;         /* its LINKS said it has mailboxes both ways with every rank */
+    int arena_mapped;     /* its LINKS said it mapped the communicator's arena */
     int gone;             /* its connection dropped */
     int64_t gone_ns;
     int said_bye;         /* it announced a clean close (BYE) */
@@ -199,7 +196,9 @@ struct hc_comm {
 
     int nsites;
     size_t wan_in_flight; /* agreed at connect: bytes one trip across the WAN holds (0: unknown) */
-    int small_shm;          /* agreed at connect: every pair of ranks has mailboxes */
+    hc_arena *arena;        /* small collectives on one host (algo/small.c), created by rank 0 */
+    uint64_t arena_seq[HC_ARENA_REGIONS]; /* the collective that last used each region (0: none) */
+    int small_shm;          /* agreed at connect: every rank mapped the arena */
     int cma_state;          /* large ops on one host read peers' memory: 0 untried, 1 works, -1 refused (algo/single_copy.c) */
     uint64_t cma_proof;     /* a word peers read to show they reach this process */
     int *ring;              /* ring order: ranks with sites kept adjacent */
@@ -276,8 +275,8 @@ void hc_comm_stop_worker(hc_comm *comm);
 int hc_topology_build(hc_comm *comm);
 /* The /dev/shm name of the lane carrying payloads from src to dst. */
 void hc_lane_name(const hc_comm *comm, int src, int dst, char *buf, size_t len);
-/* The /dev/shm name of the mailbox for small collectives from src to dst. */
-void hc_mbox_name(const hc_comm *comm, int src, int dst, char *buf, size_t len);
+/* The /dev/shm name of the arena for small collectives. */
+void hc_arena_name(const hc_comm *comm, char *buf, size_t len);
 /* A work buffer of at least `bytes` that stays with the communicator, so
  * large ops do not pay for fresh pages every time. Worker thread only. */
 void *hc_comm_scratch(hc_comm *comm, int slot, size_t bytes);
@@ -485,17 +484,17 @@ int hc_gather_run(hc_exec *x);
 int hc_scatter_run(hc_exec *x);
 int hc_alltoall_run(hc_exec *x);
 int hc_barrier_run(hc_exec *x);
-/* Small collectives through the mailboxes: whether this op goes there, and the run. */
+/* Small collectives through the arena: whether this op goes there, and the run. */
 int hc_small_fits(const hc_comm *comm, const hc_op *op);
 int hc_small_run(hc_exec *x);
-/* For waits on the sockets: fails `op` when a peer ran it through its
- * mailbox (the calls or the small-message settings differ). */
-int hc_small_check_mailboxes(hc_comm *comm, hc_op *op);
+/* For waits on the sockets: fails `op` when a peer ran it through the
+ * arena (the calls or the small-message settings differ). */
+int hc_small_check_arena(hc_comm *comm, hc_op *op);
 /* How long the worker leaves a small async op to the thread that queued it. */
 #define HC_DEFER_NS 1000000
-/* How often a socket wait looks at the mailboxes, ms. */
+/* How often a socket wait looks at the arena, ms. */
 #define HC_SMALL_CHECK_MS 5
-/* This rank has working mailboxes both ways with every peer. */
+/* This rank mapped an arena shared with every peer. */
 int hc_small_links_ok(const hc_comm *comm);
 
 /* Large collectives between ranks of one host, read straight from the

@@ -166,15 +166,15 @@ static void greeted_by(hc_comm *c, hc_peer *p, int offered) {
         char name[64];
         hc_lane_name(c, p->rank, c->rank, name, sizeof name);
         p->rx_lane = hc_lane_attach(name);
-        if (p->rx_lane && (offered & HC_WIRE_MBOX)) {
-            hc_mbox_name(c, p->rank, c->rank, name, sizeof name);
-            p->rx_mbox = hc_mbox_attach(name);
-        }
+    }
+    if ((offered & HC_WIRE_ARENA) && p->rank == 0 && !c->arena && c->cfg.shm_enable) {
+        char name[64];
+        hc_arena_name(c, name, sizeof name);
+        c->arena = hc_arena_attach(name, c->size);
     }
     hc_wire_header h;
     control_header(c, &h, HC_MSG_READY);
     if (p->rx_lane) h.flags = HC_WIRE_SHM;
-    if (p->rx_mbox) h.flags |= HC_WIRE_MBOX;
     hc_tp_send(c, p, &h, NULL, 0, -1);
 }
 
@@ -290,12 +290,6 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
                 hc_lane_close(p->tx_lane);
                 p->tx_lane = NULL;
             }
-            if ((h->flags & HC_WIRE_MBOX) && p->tx_mbox) {
-                p->tx_mbox_ok = 1;
-            } else if (p->tx_mbox) {
-                hc_mbox_close(p->tx_mbox);
-                p->tx_mbox = NULL;
-            }
         }
         drop(c, m);
         return HC_OK;
@@ -319,7 +313,7 @@ static int dispatch(hc_comm *c, want *w, hc_msg *m) {
     case HC_MSG_LINKS:
         if (h->seq == c->cfg.session_token) {
             p->links_reported = 1;
-            p->mbox_all = (h->flags & HC_WIRE_MBOX) != 0;
+            p->arena_mapped = (h->flags & HC_WIRE_ARENA) != 0;
             if (h->count > c->wan_in_flight) c->wan_in_flight = (size_t)h->count;
         }
         drop(c, m);
@@ -573,8 +567,8 @@ int hc_progress_wait(hc_comm *c, hc_op *op, int src, uint32_t part, int timeout_
         wait = min_timeout(wait, hc_p2p_expire(c, now));
         wait = min_timeout(wait, tick);
         if (p->left) wait = min_timeout(wait, ms_until(p->gone_ns + (int64_t)HC_GONE_GRACE_MS * 1000000, now));
-        if (c->small_shm) { /* a peer that took the mailbox path for this op writes nothing here */
-            if ((rc = hc_small_check_mailboxes(c, op)) != HC_OK) return rc;
+        if (c->small_shm) { /* a peer that took the arena path for this op writes nothing here */
+            if ((rc = hc_small_check_arena(c, op)) != HC_OK) return rc;
             wait = min_timeout(wait, HC_SMALL_CHECK_MS);
         }
         if ((rc = poll_items(c, op, wait)) != HC_OK) return rc;
@@ -734,7 +728,7 @@ int hc_progress_handshake(hc_comm *c) {
         hc_peer *p = &c->peers[r];
         if (r == c->rank || p->inherited) continue;
         h.count = (uint64_t)p->nstreams; /* tells the peer how many greetings to expect */
-        h.flags = (p->tx_lane ? HC_WIRE_SHM : 0) | (p->tx_mbox ? HC_WIRE_MBOX : 0);
+        h.flags = (p->tx_lane ? HC_WIRE_SHM : 0) | (c->arena ? HC_WIRE_ARENA : 0);
         for (int s = 0; s < p->nstreams; s++) {
             h.part = (uint32_t)s;
             int rc = hc_tp_send(c, p, &h, NULL, 0, -1);
@@ -773,7 +767,7 @@ int hc_progress_handshake(hc_comm *c) {
             if (mine > c->wan_in_flight) c->wan_in_flight = mine;
             control_header(c, &h, HC_MSG_LINKS);
             h.count = mine;
-            if (hc_small_links_ok(c)) h.flags = HC_WIRE_MBOX;
+            if (hc_small_links_ok(c)) h.flags = HC_WIRE_ARENA;
             for (int r = 0; r < c->size; r++)
                 if (r != c->rank && (rc = hc_tp_send(c, &c->peers[r], &h, NULL, 0, -1)) != HC_OK) return rc;
             reported = 1;
@@ -784,7 +778,8 @@ int hc_progress_handshake(hc_comm *c) {
         if (complete) {
             c->small_shm = hc_small_links_ok(c);
             for (int r = 0; r < c->size; r++)
-                if (r != c->rank && !c->peers[r].mbox_all) c->small_shm = 0;
+                if (r != c->rank && !c->peers[r].arena_mapped) c->small_shm = 0;
+            hc_arena_unlink(c->arena); /* every rank mapped it or gave up: the name is not needed */
             return HC_OK;
         }
         int64_t now = hc_now_ns();

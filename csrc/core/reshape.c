@@ -14,10 +14,10 @@
  * reach the new one and are dropped quietly (it knows its ancestors' ids).
  *
  * What the new communicator does not inherit: the shared-memory lanes and
- * mailboxes (the old ones may still hold the old communicator's payloads, and
+ * arena (the old ones may still hold the old communicator's payloads, and
  * the ranks are renumbered; the new one talks through its sockets, its small
- * collectives included, since hc_small_links_ok wants a mailbox to every
- * peer), queued ops and their messages, and the error-feedback residuals
+ * collectives included, since only a communicator whose links are all new
+ * gets an arena), queued ops and their messages, and the error-feedback residuals
  * (which part of a tensor a rank encodes depends on its place in the ring,
  * so an old residual would be added to the wrong sums; they start at zero,
  * as after hc_comm_reset_residual).

@@ -101,7 +101,7 @@ void *hc_worker_main(void *arg) {
         long defer_ms = deferred_ms(c);
         if (defer_ms) {
             /* Without the engine, so the caller can take it at once. Eating
-             * a wake-up here is safe: ops are deferred only with mailboxes,
+             * a wake-up here is safe: ops are deferred only with the arena,
              * and then every wait of an engine holder looks at the queue and
              * at abort requests at least every HC_SMALL_CHECK_MS. The nap
              * touches no socket (the caller may hold them) and lasts at most

@@ -68,7 +68,7 @@ uint8_t *hc_shm_map_new(const char *name, size_t bytes) {
 }
 
 uint8_t *hc_shm_map_existing(const char *name, void *head, size_t head_len, size_t (*bytes_of)(const void *head),
-                             size_t *bytes) {
+                             size_t *bytes, int keep_name) {
     int fd = shm_open(name, O_RDWR, 0);
     if (fd < 0) {
         hc_log(HC_LOG_DEBUG, "shm_open(%s) to attach: %s", name, strerror(errno));
@@ -81,7 +81,7 @@ uint8_t *hc_shm_map_existing(const char *name, void *head, size_t head_len, size
     close(fd);
     /* Mapped (or not): the name is no longer needed, and removing it now
      * means a crash later leaves nothing behind in /dev/shm. */
-    shm_unlink(name);
+    if (!keep_name) shm_unlink(name);
     return base == MAP_FAILED ? NULL : base;
 }
 
@@ -112,7 +112,7 @@ static size_t lane_bytes(const void *head) {
 hc_lane *hc_lane_attach(const char *name) {
     lane_header h;
     size_t bytes;
-    uint8_t *base = hc_shm_map_existing(name, &h, sizeof h, lane_bytes, &bytes);
+    uint8_t *base = hc_shm_map_existing(name, &h, sizeof h, lane_bytes, &bytes, 0);
     if (!base) return NULL;
     hc_lane *lane = wrap(name, base, bytes, 0);
     if (!lane) munmap(base, bytes);

@@ -35,9 +35,9 @@ typedef struct hc_lane {
 uint8_t *hc_shm_map_new(const char *name, size_t bytes);
 /* Maps shared memory another process created: reads its first `head_len`
  * bytes into `head`, maps bytes_of(head) bytes (0: refuse), sets *bytes and
- * removes the name. NULL on failure. */
+ * removes the name unless `keep_name` (others still attach). NULL on failure. */
 uint8_t *hc_shm_map_existing(const char *name, void *head, size_t head_len, size_t (*bytes_of)(const void *head),
-                             size_t *bytes);
+                             size_t *bytes, int keep_name);
 /* Creates the lane `name` with `nslots` slots of `slot_bytes`. NULL on failure. */
 hc_lane *hc_lane_create(const char *name, uint32_t nslots, size_t slot_bytes);
 /* Maps a lane another process created and removes its name. NULL on failure. */

@@ -42,7 +42,7 @@ typedef enum hc_msg_kind {
 enum {
     HC_WIRE_INLINE = 1, /* payload follows the header in the same frame */
     HC_WIRE_SHM = 2,    /* payload is in slot `reserved` of the sender's lane (HELLO/READY: lane offered/mapped) */
-    HC_WIRE_MBOX = 4,   /* HELLO/READY: mailbox offered/mapped; LINKS: mailboxes with every rank */
+    HC_WIRE_ARENA = 4,  /* HELLO from rank 0: the arena is offered; LINKS: the sender mapped it */
 };
 
 typedef struct hc_wire_header {
