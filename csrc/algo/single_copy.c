@@ -21,7 +21,8 @@
  * quarter of a 16 MiB allreduce). The waits are the small path's, so a
  * mismatched call, an abort, a timeout or a lost peer fail the op as on any
  * other path. Communicators without mailboxes (HETCOMM_SHM=0, or made by
- * shrink or grow) send the same three messages over the sockets. No rank
+ * shrink or grow), and the first op (below), send the same three messages
+ * over the sockets. No rank
  * returns before every peer said DONE: until then its buffers may still be
  * read.
  *
@@ -294,7 +295,8 @@ static int fall_back(hc_exec *x) {
 static int exchange_addrs(hc_exec *x, const sc_addr *mine, sc_addr *a) {
     int n = x->comm->size, me = x->comm->rank, rc = HC_OK;
     a[me] = *mine;
-    if (!x->comm->small_shm) {
+    /* The first op agrees on the path over the sockets; its control stays there. */
+    if (!x->comm->small_shm || x->comm->cma_state != STATE_WORKS) {
         rc = send_all(x, mine, sizeof *mine);
         return rc == HC_OK ? recv_addrs(x, a) : rc;
     }
