@@ -242,11 +242,23 @@ def test_torch_large_allreduce_and_allgather(world_size):
     assert all(r == (True, 4) for r in results), results
 
 
-def _mismatched(rank: int, size: int, case: str) -> str:
+def _mismatched(rank: int, size: int, case: str, warm: bool) -> str:
+    """The mismatch on the communicator's first large op (its control goes
+    over the sockets) or, with `warm`, after a good one (the mailboxes)."""
     import hetcomm
 
-    comm = hetcomm.Communicator(rank, size, timeout=20, options=hetcomm.Options(cma=not (case == "paths" and rank == 0)))
+    options = hetcomm.Options(cma=not (case == "paths" and rank == 0))
+    if warm and case == "paths" and rank == 0:  # 2 MiB: rings on rank 0, the single copy on the others
+        options = hetcomm.Options(small_bytes=4 << 20)
+    try:  # the others may fail the first op, and the communicator, while this rank still connects
+        comm = hetcomm.Communicator(rank, size, timeout=20, options=options)
+    except hetcomm.HetcommError as exc:
+        return f"{type(exc).__name__}: {exc}"
     try:
+        if warm:
+            comm.allreduce(np.ones(2 * MIN_BYTES, np.float32))
+            if case == "paths":
+                comm.allreduce(np.ones(MIN_BYTES // 2, np.float32))
         if case == "count":
             comm.allreduce(np.ones(MIN_BYTES // 4 + (rank == 1), np.float32))
         elif case == "kind":
@@ -265,11 +277,77 @@ def _mismatched(rank: int, size: int, case: str) -> str:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("warm", [False, True], ids=["first-op", "after-one"])
 @pytest.mark.parametrize("case", ["count", "kind", "paths"])
-def test_mismatched_large_calls_fail_on_every_rank(case):
-    results = run_ranks(_mismatched, 3, case, timeout=50)
+def test_mismatched_large_calls_fail_on_every_rank(case, warm):
+    results = run_ranks(_mismatched, 3, case, warm, timeout=50)
     for rank, text in enumerate(results):
         assert text.split(":")[0] in ("MismatchError", "AbortedError"), f"rank {rank}: {text}"
     assert any(text.startswith("MismatchError") for text in results), results
     if case == "paths":
         assert any("HETCOMM_CMA" in text for text in results), results
+
+
+def _abort_mid_large(rank: int, size: int) -> tuple[str, float]:
+    """Rank 0 waits in a large allreduce (control words in the mailboxes)
+    for a rank that comes late, and aborts."""
+    import time
+
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=30)
+    buf = np.ones(2 * MIN_BYTES, np.float32)
+    comm.allreduce(buf)
+    comm.barrier()
+    t0 = time.monotonic()
+    try:
+        if rank == 0:
+            threading.Timer(0.5, comm.abort, args=("user pressed stop",)).start()
+        else:
+            time.sleep(2)
+        comm.allreduce(buf)
+        comm.barrier()
+    except hetcomm.HetcommError as exc:
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
+    finally:
+        comm.close()
+    return "no error", time.monotonic() - t0
+
+
+@pytest.mark.timeout(60)
+def test_abort_wakes_a_large_collective_here_and_on_peers():
+    results = run_ranks(_abort_mid_large, 3, timeout=50)
+    assert all(text.startswith("AbortedError") and "user pressed stop" in text for text, _ in results), results
+    assert results[0][1] < 2, results[0]
+
+
+def _late_peer(rank: int, size: int) -> tuple[str, float]:
+    """Rank 2 joins the second large allreduce after the others' timeout: they
+    time out naming it, and rank 2 learns of it when it calls."""
+    import time
+
+    import hetcomm
+
+    comm = hetcomm.Communicator(rank, size, timeout=2)
+    buf = np.ones(2 * MIN_BYTES, np.float32)
+    comm.allreduce(buf)
+    t0 = time.monotonic()
+    try:
+        if rank == 2:
+            time.sleep(4)
+        comm.allreduce(buf)
+    except hetcomm.HetcommError as exc:
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
+    finally:
+        comm.close()
+    return "no error", time.monotonic() - t0
+
+
+@pytest.mark.timeout(60)
+def test_silent_peer_in_a_large_collective_times_out_naming_it():
+    results = run_ranks(_late_peer, 3, timeout=50)
+    for rank, (text, took) in enumerate(results):
+        # rank 2 reads the others' slots of the op, but learns they gave up before reading their buffers
+        assert text.split(":")[0] in ("CommTimeoutError", "AbortedError"), (rank, text)
+        assert "timed out" in text and "waiting for rank 2 (host" in text, (rank, text)
+        assert rank == 2 or took < 4, (rank, took)
