@@ -14,12 +14,14 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from harness import run_ranks, watch_log
 from test_collectives import check_allreduce, check_reduce_scatter_allgather, digest, exact_input, reference
+from test_small_shm import _error_of
 
 PATH_NOTE = "single copy from the peers' buffers"
 MIN_BYTES = 1 << 20  # the path's threshold (MIN_BYTES in single_copy.c)
@@ -288,66 +290,43 @@ def test_mismatched_large_calls_fail_on_every_rank(case, warm):
         assert any("HETCOMM_CMA" in text for text in results), results
 
 
-def _abort_mid_large(rank: int, size: int) -> tuple[str, float]:
+def _abort_mid_large(comm, rank: int) -> None:
     """Rank 0 waits in a large allreduce (control words in the mailboxes)
     for a rank that comes late, and aborts."""
-    import time
-
-    import hetcomm
-
-    comm = hetcomm.Communicator(rank, size, timeout=30)
     buf = np.ones(2 * MIN_BYTES, np.float32)
     comm.allreduce(buf)
     comm.barrier()
-    t0 = time.monotonic()
-    try:
-        if rank == 0:
-            threading.Timer(0.5, comm.abort, args=("user pressed stop",)).start()
-        else:
-            time.sleep(2)
-        comm.allreduce(buf)
-        comm.barrier()
-    except hetcomm.HetcommError as exc:
-        return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
-    finally:
-        comm.close()
-    return "no error", time.monotonic() - t0
+    if rank == 0:
+        threading.Timer(0.5, comm.abort, args=("user pressed stop",)).start()
+    else:
+        time.sleep(2)
+    comm.allreduce(buf)
+    comm.barrier()
 
 
 @pytest.mark.timeout(60)
 def test_abort_wakes_a_large_collective_here_and_on_peers():
-    results = run_ranks(_abort_mid_large, 3, timeout=50)
-    assert all(text.startswith("AbortedError") and "user pressed stop" in text for text, _ in results), results
-    assert results[0][1] < 2, results[0]
+    results = run_ranks(_error_of, 3, _abort_mid_large, 30, timeout=50)
+    assert all("AbortedError" in text and "user pressed stop" in text for text in results), results
+    assert float(results[0].split("s ")[0]) < 2, results[0]
 
 
-def _late_peer(rank: int, size: int) -> tuple[str, float]:
+def _late_peer(comm, rank: int) -> None:
     """Rank 2 joins the second large allreduce after the others' timeout: they
     time out naming it, and rank 2 learns of it when it calls."""
-    import time
-
-    import hetcomm
-
-    comm = hetcomm.Communicator(rank, size, timeout=2)
     buf = np.ones(2 * MIN_BYTES, np.float32)
     comm.allreduce(buf)
-    t0 = time.monotonic()
-    try:
-        if rank == 2:
-            time.sleep(4)
-        comm.allreduce(buf)
-    except hetcomm.HetcommError as exc:
-        return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
-    finally:
-        comm.close()
-    return "no error", time.monotonic() - t0
+    if rank == 2:
+        time.sleep(4)
+    comm.allreduce(buf)
 
 
 @pytest.mark.timeout(60)
 def test_silent_peer_in_a_large_collective_times_out_naming_it():
-    results = run_ranks(_late_peer, 3, timeout=50)
-    for rank, (text, took) in enumerate(results):
+    results = run_ranks(_error_of, 3, _late_peer, 2, timeout=50)
+    for rank, text in enumerate(results):
+        took, error = text.split("s ", 1)
         # rank 2 reads the others' slots of the op, but learns they gave up before reading their buffers
-        assert text.split(":")[0] in ("CommTimeoutError", "AbortedError"), (rank, text)
-        assert "timed out" in text and "waiting for rank 2 (host" in text, (rank, text)
-        assert rank == 2 or took < 4, (rank, took)
+        assert error.split(":")[0] in ("CommTimeoutError", "AbortedError"), (rank, text)
+        assert "timed out" in error and "waiting for rank 2 (host" in error, (rank, text)
+        assert rank == 2 or float(took) < 4, (rank, text)

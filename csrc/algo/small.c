@@ -93,8 +93,8 @@ static int socket_path_taken(hc_exec *x) {
 }
 
 int hc_small_check_mailboxes(hc_comm *c, hc_op *op) {
-    /* The large path waits on the sockets too (its first op agrees over
-     * them; a rank whose buffers do not suit it sends everyone to the rings). */
+    /* Every rank posted its slot of this large op, then one rank's buffers
+     * did not suit the path and all went to the rings: no sign of another path. */
     if (op->on_mailboxes) return HC_OK;
     for (int r = 0; r < c->size; r++) {
         if (r == c->rank || !c->peers[r].rx_mbox) continue;

@@ -76,7 +76,7 @@ struct hc_op {
     uint64_t seq;
     int64_t deadline_ns; /* p2p receives: when a pending receive times out */
     int64_t defer_until_ns; /* the worker leaves it to a waiting caller until then */
-    int on_mailboxes; /* this rank posted its part in the mailboxes (so every rank did, or the call fails) */
+    int on_mailboxes; /* a large op's control words went through the mailboxes (algo/single_copy.c) */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
