@@ -245,8 +245,8 @@ def test_torch_large_allreduce_and_allgather(world_size):
 
 
 def _mismatched(rank: int, size: int, case: str, warm: bool) -> str:
-    """The mismatch on the communicator's first large op (its control goes
-    over the sockets) or, with `warm`, after a good one (the mailboxes)."""
+    """The mismatch on the communicator's first large op (which also agrees
+    on the path) or, with `warm`, after a good one."""
     import hetcomm
 
     options = hetcomm.Options(cma=not (case == "paths" and rank == 0))
@@ -291,8 +291,7 @@ def test_mismatched_large_calls_fail_on_every_rank(case, warm):
 
 
 def _abort_mid_large(comm, rank: int) -> None:
-    """Rank 0 waits in a large allreduce (control words in the mailboxes)
-    for a rank that comes late, and aborts."""
+    """Rank 0 waits in a large allreduce for a rank that comes late, and aborts."""
     buf = np.ones(2 * MIN_BYTES, np.float32)
     comm.allreduce(buf)
     comm.barrier()

@@ -11,27 +11,17 @@
  * Allgather reads each peer's input into place; reduce_scatter folds the
  * peers' blocks of this rank; broadcast reads the root's buffer.
  *
- * The control words (ADDR: where this rank's buffers are; READY: its run is
- * reduced; DONE: it finished reading a peer's buffers) travel through the
- * pairwise shared-memory mailboxes (transport/mailbox.h) where the ranks have
- * them: a rank posts its slot of the op to every peer with the wire header
- * and ADDR, raises the slot's `step` word for READY, and acks a peer's slot
- * for DONE. No socket message and no I/O thread is then on the path (three
- * ZeroMQ round trips cost thread wake-ups that, on busy cores, took a
- * quarter of a 16 MiB allreduce). The waits are the small path's, so a
- * mismatched call, an abort, a timeout or a lost peer fail the op as on any
- * other path. Communicators without mailboxes (HETCOMM_SHM=0, or made by
- * shrink or grow), and the first op (below), send the same three messages
- * over the sockets. No rank
- * returns before every peer said DONE: until then its buffers may still be
- * read.
+ * The small control messages (ADDR: where this rank's buffers are; READY;
+ * DONE) go over the sockets as ordinary messages of the op, so a mismatched
+ * call, an abort, a timeout or a lost peer fail the op as on any other path.
+ * No rank returns before every peer said DONE: until then its buffers may
+ * still be read.
  *
  * The first such op of a communicator proves the path: every rank reads a
  * word from every peer, compares it with what the peer published, and all
- * ranks exchange their verdicts (over the sockets, once), so they all take
- * the same path from then on. Where the kernel refuses (seccomp, Yama,
- * another user, another PID namespace) they use the rings over the lanes,
- * with one warning.
+ * ranks exchange their verdicts, so they all take the same path from then
+ * on. Where the kernel refuses (seccomp, Yama, another user, another PID
+ * namespace) they use the rings over the lanes, with one warning.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -64,9 +54,7 @@ typedef struct sc_addr {
 } sc_addr;
 
 int hc_single_copy_fits(const hc_comm *c, const hc_op *op) {
-    /* Once the reads were refused anywhere, every rank runs the rings (all agreed on that). */
-    if (!c->cfg.cma_enable || c->cma_state == STATE_REFUSED) return 0;
-    if (c->size < 2 || c->nsites != 1 || op->codec != HC_CODEC_NONE || !*c->host) return 0;
+    if (!c->cfg.cma_enable || c->size < 2 || c->nsites != 1 || op->codec != HC_CODEC_NONE || !*c->host) return 0;
     /* An allreduce algorithm asked for by name runs as asked. */
     int named = (op->opts.algo != HC_ALGO_AUTO ? op->opts.algo : c->cfg.algo) != HC_ALGO_AUTO;
     size_t part = op->count * hc_dtype_size(op->dtype), whole;
@@ -218,30 +206,6 @@ static int fold_run(hc_exec *x, const sc_addr *a, uint64_t off, const char *mine
     return HC_OK;
 }
 
-/* This rank's mailbox slot of the op to `peer`, and `peer`'s to this rank. */
-static hc_mbox_slot *tx_slot(hc_exec *x, int peer) {
-    return hc_mbox_slot_for(x->comm->peers[peer].tx_mbox, x->op->seq);
-}
-
-static hc_mbox_slot *rx_slot(hc_exec *x, int peer) {
-    return hc_mbox_slot_for(x->comm->peers[peer].rx_mbox, x->op->seq);
-}
-
-/* This rank's run is reduced: peers may read it. */
-static int say_ready(hc_exec *x) {
-    uint32_t ready = 1;
-    if (!x->op->on_mailboxes) return send_all(x, &ready, sizeof ready);
-    for (int r = 0; r < x->comm->size; r++)
-        if (r != x->comm->rank) hc_mbox_post(&tx_slot(x, r)->step, (uint32_t)x->op->seq);
-    return HC_OK;
-}
-
-static int wait_ready(hc_exec *x, int owner) {
-    uint32_t ready;
-    if (!x->op->on_mailboxes) return hc_xrecv_into(x, owner, &ready, sizeof ready);
-    return hc_small_wait(x, &rx_slot(x, owner)->step, (uint32_t)x->op->seq, owner, "reduce its run");
-}
-
 static int allreduce(hc_exec *x, const sc_addr *a) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
@@ -251,12 +215,12 @@ static int allreduce(hc_exec *x, const sc_addr *a) {
     char *out = op->recvbuf;
     size_t lo = hc_split(op->count, n, me), hi = hc_split(op->count, n, me + 1);
     int rc = fold_run(x, a, lo * es, in + lo * es, out + lo * es, hi - lo);
-    if (rc != HC_OK) return rc;
-    if ((rc = say_ready(x)) != HC_OK) return rc;
+    uint32_t ready = 1;
+    if (rc == HC_OK) rc = send_all(x, &ready, sizeof ready);
     for (int k = 1; k < n && rc == HC_OK; k++) {
         int o = (me + k) % n;
         size_t olo = hc_split(op->count, n, o), ohi = hc_split(op->count, n, o + 1);
-        if ((rc = wait_ready(x, o)) == HC_OK)
+        if ((rc = hc_xrecv_into(x, o, &ready, sizeof ready)) == HC_OK)
             rc = read_peer(x, o, &a[o], out + olo * es, a[o].out + olo * es, (ohi - olo) * es);
     }
     return rc;
@@ -296,47 +260,6 @@ static int fall_back(hc_exec *x) {
     }
 }
 
-/* Tells every peer where this rank's buffers are and learns where theirs
- * are (the slots carry the wire header: a mismatched call fails here). */
-static int exchange_addrs(hc_exec *x, const sc_addr *mine, sc_addr *a) {
-    int n = x->comm->size, me = x->comm->rank, rc = HC_OK;
-    a[me] = *mine;
-    /* The first op agrees on the path over the sockets; its control stays there. */
-    if (!x->comm->small_shm || x->comm->cma_state != STATE_WORKS) {
-        rc = send_all(x, mine, sizeof *mine);
-        return rc == HC_OK ? recv_addrs(x, a) : rc;
-    }
-    x->op->on_mailboxes = 1;
-    for (int k = 1; k < n && rc == HC_OK; k++) rc = hc_small_post(x, (me + k) % n, mine, sizeof *mine);
-    for (int k = 1; k < n && rc == HC_OK; k++) {
-        int r = (me + k) % n;
-        const uint8_t *theirs;
-        if ((rc = hc_small_collect(x, r, sizeof *a, &theirs)) == HC_OK) memcpy(&a[r], theirs, sizeof *a);
-    }
-    return rc;
-}
-
-/* DONE: this rank finished reading the peers' buffers (their slots go back). */
-static int say_done(hc_exec *x) {
-    uint32_t done = 1;
-    if (!x->op->on_mailboxes) return send_all(x, &done, sizeof done);
-    for (int r = 0; r < x->comm->size; r++)
-        if (r != x->comm->rank) hc_small_done(x, r);
-    return HC_OK;
-}
-
-/* Peers may read this rank's buffers until each said DONE. */
-static int wait_for_readers(hc_exec *x) {
-    int rc = HC_OK;
-    uint32_t done[x->comm->size];
-    if (!x->op->on_mailboxes) return recv_all(x, done, sizeof done[0]);
-    for (int k = 1; k < x->comm->size && rc == HC_OK; k++) {
-        int r = (x->comm->rank + k) % x->comm->size;
-        rc = hc_small_wait(x, &tx_slot(x, r)->ack, (uint32_t)x->op->seq, r, "finish reading this rank's buffers");
-    }
-    return rc;
-}
-
 int hc_single_copy_run(hc_exec *x) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
@@ -347,7 +270,9 @@ int hc_single_copy_run(hc_exec *x) {
     sc_addr a[c->size];
     sc_addr mine = {ADDR_MAGIC, (int32_t)getpid(), (uint32_t)buffers_usable(c, op), (uint64_t)(uintptr_t)op->sendbuf,
                     (uint64_t)(uintptr_t)op->recvbuf, (uint64_t)(uintptr_t)&c->cma_proof, c->cma_proof};
-    int rc = exchange_addrs(x, &mine, a);
+    a[c->rank] = mine;
+    int rc = send_all(x, &mine, sizeof mine);
+    if (rc == HC_OK) rc = recv_addrs(x, a);
     if (rc == HC_OK && c->cma_state == STATE_UNTRIED) rc = agree_on_path(x, a);
     if (rc != HC_OK) return rc;
     int usable = c->cma_state == STATE_WORKS;
@@ -356,16 +281,17 @@ int hc_single_copy_run(hc_exec *x) {
         hc_log(HC_LOG_DEBUG, "%s: rank %d: %s #%" PRIu64 " of %zu elements (%s): %s", c->name, c->rank,
                hc_op_kind_name(op->kind), op->seq, op->count, hc_dtype_name(op->dtype),
                usable ? "single copy from the peers' buffers" : "rings (single copy not usable)");
-    if (!usable) {
-        if (op->on_mailboxes) say_done(x); /* nothing will be read; over the sockets nothing waits for DONE */
-        return fall_back(x);
-    }
+    if (!usable) return fall_back(x);
     switch (op->kind) {
     case HC_OP_ALLREDUCE: rc = allreduce(x, a); break;
     case HC_OP_ALLGATHER: rc = allgather(x, a); break;
     case HC_OP_REDUCE_SCATTER: rc = reduce_scatter(x, a); break;
     default: rc = broadcast(x, a); break;
     }
-    if (rc == HC_OK) rc = say_done(x);
-    return rc == HC_OK ? wait_for_readers(x) : rc;
+    /* Peers may still be reading this rank's buffers until they say DONE. */
+    uint32_t done[c->size];
+    done[c->rank] = 1;
+    if (rc == HC_OK) rc = send_all(x, &done[c->rank], sizeof done[0]);
+    if (rc == HC_OK) rc = recv_all(x, done, sizeof done[0]);
+    return rc;
 }

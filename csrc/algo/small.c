@@ -86,16 +86,13 @@ static int socket_path_taken(hc_exec *x) {
             char who[160];
             return hc_xfail(x, HC_ERR_MISMATCH,
                             "%s ran %s #%" PRIu64 " over the sockets while rank %d used shared memory: "
-                            "HETCOMM_SMALL_BYTES, HETCOMM_SHM, HETCOMM_CMA or HETCOMM_ALGO differ across ranks",
+                            "HETCOMM_SMALL_BYTES, HETCOMM_SHM or HETCOMM_ALGO differ across ranks",
                             hc_peer_desc(c, r, who, sizeof who), hc_op_kind_name(x->op->kind), x->op->seq, c->rank);
         }
     return HC_OK;
 }
 
 int hc_small_check_mailboxes(hc_comm *c, hc_op *op) {
-    /* Every rank posted its slot of this large op, then one rank's buffers
-     * did not suit the path and all went to the rings: no sign of another path. */
-    if (op->on_mailboxes) return HC_OK;
     for (int r = 0; r < c->size; r++) {
         if (r == c->rank || !c->peers[r].rx_mbox) continue;
         hc_mbox_slot *s = hc_mbox_slot_for(c->peers[r].rx_mbox, op->seq);
@@ -105,14 +102,14 @@ int hc_small_check_mailboxes(hc_comm *c, hc_op *op) {
         char who[160];
         return hc_op_failf(op, HC_ERR_MISMATCH,
                            "%s ran %s #%" PRIu64 " through shared memory while rank %d used the sockets: "
-                           "HETCOMM_SMALL_BYTES, HETCOMM_SHM, HETCOMM_CMA or HETCOMM_ALGO differ across ranks",
+                           "HETCOMM_SMALL_BYTES, HETCOMM_SHM or HETCOMM_ALGO differ across ranks",
                            hc_peer_desc(c, r, who, sizeof who), hc_op_kind_name(op->kind), op->seq, c->rank);
     }
     return HC_OK;
 }
 
 /* Waits until `w` holds `want` (the peer wrote or read slot `seq`). */
-int hc_small_wait(hc_exec *x, hc_mbox_word *w, uint32_t want, int peer, const char *what) {
+static int wait_word(hc_exec *x, hc_mbox_word *w, uint32_t want, int peer, const char *what) {
     if (hc_mbox_holds(w, want)) return HC_OK;
     hc_comm *c = x->comm;
     int64_t start = hc_now_ns(), spin_until = start + spin_ns(c);
@@ -163,13 +160,13 @@ static int catch_up(hc_exec *x, int peer, uint32_t sent) {
 }
 
 /* Fills this rank's slot of `seq` in the mailbox to `peer` and publishes it. */
-int hc_small_post(hc_exec *x, int peer, const void *buf, size_t len) {
+static int post(hc_exec *x, int peer, const void *buf, size_t len) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
     hc_mbox_slot *s = hc_mbox_slot_for(c->peers[peer].tx_mbox, op->seq);
     /* The slot's previous occupant must have been read. */
     uint32_t prev = atomic_load_explicit(&s->ready.value, memory_order_relaxed);
-    int rc = hc_small_wait(x, &s->ack, prev, peer, "read the previous small collective");
+    int rc = wait_word(x, &s->ack, prev, peer, "read the previous small collective");
     if (rc != HC_OK) return rc;
     hc_wire_header_init(&s->h, c, HC_MSG_DATA);
     s->h.op = (uint8_t)op->kind;
@@ -188,20 +185,17 @@ int hc_small_post(hc_exec *x, int peer, const void *buf, size_t len) {
 
 /* Waits for `peer`'s slot of this op, checks it is the same call, and
  * returns its payload (read it, then hc_small_done). */
-int hc_small_collect(hc_exec *x, int peer, size_t len, const uint8_t **data) {
+static int collect(hc_exec *x, int peer, size_t len, const uint8_t **data) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
     hc_mbox_slot *s = hc_mbox_slot_for(c->peers[peer].rx_mbox, op->seq);
-    int rc = hc_small_wait(x, &s->ready, (uint32_t)op->seq, peer, "send its part");
+    int rc = wait_word(x, &s->ready, (uint32_t)op->seq, peer, "send its part");
     if (rc != HC_OK) return rc;
     if ((rc = hc_progress_check_header(c, op, &s->h)) != HC_OK) return rc;
     if ((rc = catch_up(x, peer, s->h.part)) != HC_OK) return rc;
     if (s->h.len != len) {
         char who[160];
-        /* The headers agree, so the calls do: the ranks chose different paths. */
-        return hc_xfail(x, HC_ERR_MISMATCH,
-                        "%s sent %" PRIu64 " bytes where rank %d expected %zu in %s #%" PRIu64
-                        ": HETCOMM_SMALL_BYTES, HETCOMM_CMA or HETCOMM_ALGO differ across ranks",
+        return hc_xfail(x, HC_ERR_MISMATCH, "%s sent %" PRIu64 " bytes where rank %d expected %zu in %s #%" PRIu64,
                         hc_peer_desc(c, peer, who, sizeof who), s->h.len, c->rank, len, hc_op_kind_name(op->kind),
                         op->seq);
     }
@@ -210,7 +204,7 @@ int hc_small_collect(hc_exec *x, int peer, size_t len, const uint8_t **data) {
 }
 
 /* Hands `peer`'s slot of this op back to it. */
-void hc_small_done(hc_exec *x, int peer) {
+static void done(hc_exec *x, int peer) {
     hc_mbox_slot *s = hc_mbox_slot_for(x->comm->peers[peer].rx_mbox, x->op->seq);
     hc_mbox_post(&s->ack, (uint32_t)x->op->seq);
 }
@@ -231,13 +225,13 @@ static int fold(hc_exec *x, const void *mine, void *out) {
     }
     for (int r = 0; r < c->size && rc == HC_OK; r++) {
         const uint8_t *theirs = mine;
-        if (r != c->rank && (rc = hc_small_collect(x, r, len, &theirs)) != HC_OK) break;
+        if (r != c->rank && (rc = collect(x, r, len, &theirs)) != HC_OK) break;
         if (r == 0) {
             if (out != (const void *)theirs && len) memcpy(out, theirs, len);
         } else {
             hc_reduce_kernel(out, out, theirs, op->count, op->dtype, op->redop);
         }
-        if (r != c->rank) hc_small_done(x, r);
+        if (r != c->rank) done(x, r);
     }
     if (rc == HC_OK && op->redop == HC_AVG) hc_divide_kernel(out, op->count, op->dtype, c->size);
     return rc;
@@ -256,7 +250,7 @@ int hc_small_run(hc_exec *x) {
     for (int k = 1; k < n && rc == HC_OK; k++) { /* the next rank first: in a ring of waits, no rank waits on all */
         int r = (me + k) % n;
         const char *part = op->kind == HC_OP_REDUCE_SCATTER ? in + (size_t)r * len : in;
-        rc = hc_small_post(x, r, part, len);
+        rc = post(x, r, part, len);
     }
     if (rc != HC_OK) return rc;
     switch (op->kind) {
@@ -271,9 +265,9 @@ int hc_small_run(hc_exec *x) {
     default:
         for (int r = 0; r < n && rc == HC_OK; r++) {
             const uint8_t *theirs;
-            if (r == me || (rc = hc_small_collect(x, r, len, &theirs)) != HC_OK) continue;
+            if (r == me || (rc = collect(x, r, len, &theirs)) != HC_OK) continue;
             if (op->kind == HC_OP_ALLGATHER && len) memcpy(out + (size_t)r * len, theirs, len);
-            hc_small_done(x, r);
+            done(x, r);
         }
         return rc;
     }

@@ -76,7 +76,6 @@ struct hc_op {
     uint64_t seq;
     int64_t deadline_ns; /* p2p receives: when a pending receive times out */
     int64_t defer_until_ns; /* the worker leaves it to a waiting caller until then */
-    int on_mailboxes; /* a large op's control words went through the mailboxes (algo/single_copy.c) */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -487,16 +486,6 @@ int hc_small_check_mailboxes(hc_comm *comm, hc_op *op);
 #define HC_SMALL_CHECK_MS 5
 /* This rank has working mailboxes both ways with every peer. */
 int hc_small_links_ok(const hc_comm *comm);
-/* The mailbox exchange the small and large paths on one host share. Post
- * fills this rank's slot of the op for `peer` (header and `len` bytes) and
- * publishes it; collect waits for `peer`'s slot, checks the call matches,
- * and points `data` at its `len` bytes; done hands that slot back (its ack).
- * Wait sleeps until `w` holds `want` while serving the sockets, aborts, peer
- * loss, signals and the op's timeout; `what` names what `peer` must do. */
-int hc_small_post(hc_exec *x, int peer, const void *buf, size_t len);
-int hc_small_collect(hc_exec *x, int peer, size_t len, const uint8_t **data);
-void hc_small_done(hc_exec *x, int peer);
-int hc_small_wait(hc_exec *x, hc_mbox_word *w, uint32_t want, int peer, const char *what);
 
 /* Large collectives between ranks of one host, read straight from the
  * peers' buffers (cross-memory attach): whether this op goes there, and the run. */

@@ -14,10 +14,7 @@
  * and an `ack` word (the receiver echoes that value when done with it); the
  * sender reuses a slot only once ack equals ready. Each word has a flag the
  * waiter raises before sleeping, so a publisher makes the futex call only
- * when someone sleeps. Large collectives on one host use the same slots for
- * their control words (algo/single_copy.c): `ready` announces the sender's
- * buffers, `step` its reduced run, and `ack` says the receiver is done
- * reading them.
+ * when someone sleeps.
  */
 #ifndef HC_MAILBOX_H
 #define HC_MAILBOX_H
@@ -41,9 +38,6 @@ typedef struct hc_mbox_slot {
     hc_wire_header h; /* the sender's call, as on the wire; h.len payload bytes */
     hc_mbox_word ready __attribute__((aligned(64)));
     hc_mbox_word ack __attribute__((aligned(64)));
-    /* A later signal of the same op (the large path's "my run is reduced",
-     * algo/single_copy.c): the sender stores the sequence number again. */
-    hc_mbox_word step __attribute__((aligned(64)));
     uint8_t data[] __attribute__((aligned(64)));
 } hc_mbox_slot;
 
