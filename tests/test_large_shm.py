@@ -14,12 +14,14 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from harness import run_ranks, watch_log
 from test_collectives import check_allreduce, check_reduce_scatter_allgather, digest, exact_input, reference
+from test_small_shm import _error_of
 
 PATH_NOTE = "single copy from the peers' buffers"
 MIN_BYTES = 1 << 20  # the path's threshold (MIN_BYTES in single_copy.c)
@@ -242,11 +244,23 @@ def test_torch_large_allreduce_and_allgather(world_size):
     assert all(r == (True, 4) for r in results), results
 
 
-def _mismatched(rank: int, size: int, case: str) -> str:
+def _mismatched(rank: int, size: int, case: str, warm: bool) -> str:
+    """The mismatch on the communicator's first large op (which also agrees
+    on the path) or, with `warm`, after a good one."""
     import hetcomm
 
-    comm = hetcomm.Communicator(rank, size, timeout=20, options=hetcomm.Options(cma=not (case == "paths" and rank == 0)))
+    options = hetcomm.Options(cma=not (case == "paths" and rank == 0))
+    if warm and case == "paths" and rank == 0:  # 2 MiB: rings on rank 0, the single copy on the others
+        options = hetcomm.Options(small_bytes=4 << 20)
+    try:  # the others may fail the first op, and the communicator, while this rank still connects
+        comm = hetcomm.Communicator(rank, size, timeout=20, options=options)
+    except hetcomm.HetcommError as exc:
+        return f"{type(exc).__name__}: {exc}"
     try:
+        if warm:
+            comm.allreduce(np.ones(2 * MIN_BYTES, np.float32))
+            if case == "paths":
+                comm.allreduce(np.ones(MIN_BYTES // 2, np.float32))
         if case == "count":
             comm.allreduce(np.ones(MIN_BYTES // 4 + (rank == 1), np.float32))
         elif case == "kind":
@@ -265,11 +279,53 @@ def _mismatched(rank: int, size: int, case: str) -> str:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("warm", [False, True], ids=["first-op", "after-one"])
 @pytest.mark.parametrize("case", ["count", "kind", "paths"])
-def test_mismatched_large_calls_fail_on_every_rank(case):
-    results = run_ranks(_mismatched, 3, case, timeout=50)
+def test_mismatched_large_calls_fail_on_every_rank(case, warm):
+    results = run_ranks(_mismatched, 3, case, warm, timeout=50)
     for rank, text in enumerate(results):
         assert text.split(":")[0] in ("MismatchError", "AbortedError"), f"rank {rank}: {text}"
     assert any(text.startswith("MismatchError") for text in results), results
     if case == "paths":
         assert any("HETCOMM_CMA" in text for text in results), results
+
+
+def _abort_mid_large(comm, rank: int) -> None:
+    """Rank 0 waits in a large allreduce for a rank that comes late, and aborts."""
+    buf = np.ones(2 * MIN_BYTES, np.float32)
+    comm.allreduce(buf)
+    comm.barrier()
+    if rank == 0:
+        threading.Timer(0.5, comm.abort, args=("user pressed stop",)).start()
+    else:
+        time.sleep(2)
+    comm.allreduce(buf)
+    comm.barrier()
+
+
+@pytest.mark.timeout(60)
+def test_abort_wakes_a_large_collective_here_and_on_peers():
+    results = run_ranks(_error_of, 3, _abort_mid_large, 30, timeout=50)
+    assert all("AbortedError" in text and "user pressed stop" in text for text in results), results
+    assert float(results[0].split("s ")[0]) < 2, results[0]
+
+
+def _late_peer(comm, rank: int) -> None:
+    """Rank 2 joins the second large allreduce after the others' timeout: they
+    time out naming it, and rank 2 learns of it when it calls."""
+    buf = np.ones(2 * MIN_BYTES, np.float32)
+    comm.allreduce(buf)
+    if rank == 2:
+        time.sleep(4)
+    comm.allreduce(buf)
+
+
+@pytest.mark.timeout(60)
+def test_silent_peer_in_a_large_collective_times_out_naming_it():
+    results = run_ranks(_error_of, 3, _late_peer, 2, timeout=50)
+    for rank, text in enumerate(results):
+        took, error = text.split("s ", 1)
+        # rank 2 reads the others' slots of the op, but learns they gave up before reading their buffers
+        assert error.split(":")[0] in ("CommTimeoutError", "AbortedError"), (rank, text)
+        assert "timed out" in error and "waiting for rank 2 (host" in error, (rank, text)
+        assert rank == 2 or float(took) < 4, (rank, text)

@@ -38,6 +38,8 @@
 /* Peers' pieces are folded in blocks this size: read into scratch and
  * reduced while the scratch and the output block are still in L2. */
 #define BLOCK_BYTES (128u << 10)
+/* How long a failed read waits for the peer's ABORT that may explain it. */
+#define ABORT_GRACE_MS 200
 #define ADDR_MAGIC 0x5944414d43434831ull /* "1HCCMADY" */
 
 enum { STATE_UNTRIED = 0, STATE_WORKS = 1, STATE_REFUSED = -1 };
@@ -139,6 +141,10 @@ static int read_peer(hc_exec *x, int r, const sc_addr *a, void *dst, uint64_t re
         hc_member_fail(c, r, "its process is gone (process_vm_readv found no such process)");
         return rc;
     }
+    /* A peer whose op already failed (an abort, a timeout) may have let go
+     * of its buffers: its ABORT, sent before that, is the error to report. */
+    int rc = hc_progress_poll(c, x->op, r, ABORT_GRACE_MS);
+    if (rc != HC_OK) return rc;
     return hc_xfail(x, HC_ERR_TRANSPORT, "rank %d could not read %zu bytes at %#" PRIx64 " of %s in %s #%" PRIu64 ": %s",
                     c->rank, len, remote, who, hc_op_kind_name(x->op->kind), x->op->seq, strerror(e));
 }
