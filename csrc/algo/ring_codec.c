@@ -203,14 +203,6 @@ int hc_ring_allreduce_codec(hc_exec *x, const hc_ring *g, const float *in, float
 }
 
 int hc_ring_codec_send_first(hc_exec *x, hc_ring *g, const float *in, size_t upto, float *residual) {
-    codec_ctx k;
-    int rc = setup(x, g, &k);
-    if (rc == HC_OK) rc = send_own(x, g, &k, in, g->pos, g->first_sent, upto, residual);
-    if (rc == HC_OK) g->first_sent = upto;
-    return rc;
-}
-
-int hc_ring_codec_send_first(hc_exec *x, hc_ring *g, const float *in, size_t upto, float *residual) {
     hc_codec_ring r;
     hc_codec_ring_init(x, &r, g);
     r.in = in;
