@@ -94,6 +94,13 @@ static int send_all(hc_exec *x, const void *msg, size_t len) {
     return HC_OK;
 }
 
+int hc_single_copy_is_addr(const void *data, size_t len) {
+    uint64_t magic;
+    if (len != sizeof(sc_addr)) return 0;
+    memcpy(&magic, data, sizeof magic);
+    return magic == ADDR_MAGIC;
+}
+
 static int recv_all(hc_exec *x, void *msgs, size_t len) {
     for (int k = 1; k < x->comm->size; k++) {
         int r = (x->comm->rank + k) % x->comm->size;

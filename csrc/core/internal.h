@@ -501,6 +501,9 @@ int hc_small_links_ok(const hc_comm *comm);
  * peers' buffers (cross-memory attach): whether this op goes there, and the run. */
 int hc_single_copy_fits(const hc_comm *comm, const hc_op *op);
 int hc_single_copy_run(hc_exec *x);
+/* The message is a peer's ADDR of the single-copy path: that peer reads
+ * buffers directly where this rank expected a ring's piece. */
+int hc_single_copy_is_addr(const void *data, size_t len);
 
 /* Splits `count` elements into `parts` nearly equal runs: the start of run i. */
 static inline size_t hc_split(size_t count, int parts, int i) {
