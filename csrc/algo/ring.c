@@ -56,21 +56,21 @@ size_t hc_ring_at(const hc_ring *g, int seg, size_t off) {
 int hc_ring_recv(hc_exec *x, const hc_ring *g, size_t bytes, hc_msg **m) {
     int rc = hc_xrecv(x, g->prev, m);
     if (rc != HC_OK) return rc;
-    if ((*m)->len != bytes && hc_single_copy_is_addr((*m)->data, (*m)->len)) {
+    if ((*m)->len == bytes) return HC_OK;
+    hc_comm *c = x->comm;
+    if (hc_single_copy_is_addr((*m)->data, (*m)->len)) {
         char who[160];
         rc = hc_xfail(x, HC_ERR_MISMATCH,
                       "%s read its peers' buffers directly in %s #%" PRIu64 " while rank %d ran the rings: "
                       "HETCOMM_CMA or HETCOMM_SMALL_BYTES differ across ranks",
-                      hc_peer_desc(x->comm, g->prev, who, sizeof who), hc_op_kind_name(x->op->kind), x->op->seq,
-                      x->comm->rank);
-        hc_xrelease(x, *m);
-    } else if ((*m)->len != bytes) {
+                      hc_peer_desc(c, g->prev, who, sizeof who), hc_op_kind_name(x->op->kind), x->op->seq, c->rank);
+    } else {
         rc = hc_xfail(x, HC_ERR_MISMATCH,
                       "rank %d received a piece of %zu bytes from rank %d where %zu were expected; "
                       "the ranks' buffer sizes or codec settings differ",
-                      x->comm->rank, (*m)->len, g->prev, bytes);
-        hc_xrelease(x, *m);
+                      c->rank, (*m)->len, g->prev, bytes);
     }
+    hc_xrelease(x, *m);
     return rc;
 }
 

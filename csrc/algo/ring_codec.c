@@ -159,7 +159,9 @@ static int gather_step(hc_exec *x, hc_codec_ring *r, int s) {
 int hc_codec_ring_step(hc_exec *x, hc_codec_ring *r, int stage) {
     int n = r->g.n;
     x->tx_group = 1; /* arena slots only: never overwritten within the op */
-    int rc = stage == 0 ? send_own(x, r, r->g.first_sent, hc_ring_pieces(&r->g, r->g.pos)) : stage < n ? reduce_step(x, r, stage - 1) : gather_step(x, r, stage - n);
+    int rc = stage == 0 ? send_own(x, r, r->g.first_sent, hc_ring_pieces(&r->g, r->g.pos))
+             : stage < n ? reduce_step(x, r, stage - 1)
+                         : gather_step(x, r, stage - n);
     x->tx_group = 0;
     return rc;
 }
