@@ -189,7 +189,7 @@ typedef struct hc_config {
                                   quarter of it); 0: no heartbeats */
     int spin_us;               /* small collectives on one host: poll this long for a peer
                                   before sleeping on a futex (spinning with a core per rank,
-                                  yielding the core without); -1: auto (30, or 0 without) */
+                                  yielding the core without); -1: auto (30, or 50 without) */
     int cma_enable;            /* 1: large collectives between ranks of one host read the
                                   peers' buffers directly (process_vm_readv), falling back to
                                   the lanes where the kernel refuses; must match on all ranks */

@@ -64,16 +64,20 @@ static int oversubscribed(const hc_comm *c) {
     return n < c->size;
 }
 
-/* How long a wait polls before it sleeps on the futex: auto is 30 µs of
- * spinning with a core per rank, and none without. With the arena a rank
- * sleeps at most once per collective; on 2 cores with 4 ranks, yielding
- * 100 µs first doubled the CPU each call took (159-168 against 74-89 µs a
- * rank) and lengthened the median call when other jobs ran. */
+/* How long a wait polls before it sleeps on the futex (auto: 30 µs with a
+ * core per rank, 50 µs without, see wait_word). */
 static long spin_ns(const hc_comm *c) {
     int us = c->cfg.spin_us;
-    if (us < 0) us = oversubscribed(c) ? 0 : 30;
+    if (us < 0) us = oversubscribed(c) ? 50 : 30;
     return (long)us * 1000;
 }
+
+/* A yield that kept the core away this long ran another job's time slice
+ * (or a peer's compute), not a peer's next step: waits then sleep at once
+ * for YIELD_BACKOFF_NS before yielding again. On a quiet 2-core machine 5 in
+ * 100k yields took over 1 ms, beside two busy processes 4 in 10. */
+#define YIELD_SLOW_NS 1000000
+#define YIELD_BACKOFF_NS 100000000
 
 /* This collective's slot of rank r, when r filled it. */
 static hc_arena_slot *posted_slot(hc_comm *c, const hc_op *op, int r) {
@@ -153,13 +157,23 @@ static int wait_word(hc_exec *x, hc_shm_word *w, uint32_t want, int arrival) {
     hc_comm *c = x->comm;
     int64_t start = hc_now_ns(), spin_until = start + spin_ns(c);
     /* Spinning only pays when the peers run meanwhile; with more ranks than
-     * cores the waiter yields its core instead, so a peer that is runnable
-     * (just woken) gets it without a futex round trip. */
+     * cores the waiter yields its core instead: the rank sharing it runs its
+     * part at once, without a futex round trip and the wake-up of a halted
+     * core (4 ranks on 2 cores: 4-byte allreduce 125-140 -> 77-87 µs). A
+     * yield to another job costs that job's whole time slice (2 ms a call
+     * beside two busy processes), so one slow yield turns yielding off. */
     int yield = oversubscribed(c);
+    if (yield && start < c->yield_off_until_ns) spin_until = start;
     while (hc_now_ns() < spin_until) {
         if (yield) {
             if (hc_shm_word_holds(w, want)) return HC_OK;
+            int64_t before = hc_now_ns();
             sched_yield();
+            int64_t after = hc_now_ns();
+            if (after - before > YIELD_SLOW_NS) {
+                c->yield_off_until_ns = after + YIELD_BACKOFF_NS;
+                break;
+            }
             continue;
         }
         for (int k = 0; k < 64; k++) {

@@ -199,6 +199,7 @@ struct hc_comm {
     hc_arena *arena;        /* small collectives on one host (algo/small.c), created by rank 0 */
     uint64_t arena_seq[HC_ARENA_REGIONS]; /* the collective that last used each region (0: none) */
     int small_shm;          /* agreed at connect: every rank mapped the arena */
+    int64_t yield_off_until_ns; /* small waits sleep at once until then: a yield gave the core away (algo/small.c) */
     int cma_state;          /* large ops on one host read peers' memory: 0 untried, 1 works, -1 refused (algo/single_copy.c) */
     uint64_t cma_proof;     /* a word peers read to show they reach this process */
     int *ring;              /* ring order: ranks with sites kept adjacent */
