@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -91,13 +90,8 @@ def rank_main(ops: list[str], sizes: list[int], rounds: int) -> None:
     print(json.dumps(times), flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
+    from hetcomm.bench.launcher import free_port
     from hetcomm.bench.sizes import parse_size_list
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,7 +102,7 @@ def main() -> None:
     args = ap.parse_args()
     ops = args.ops.split(",")
     sizes = parse_size_list(args.sizes)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(args.world_size))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(args.world_size))
     procs = [subprocess.Popen([sys.executable, __file__, "--rank-main", args.ops, args.sizes, str(args.rounds)],
                               env=dict(env, RANK=str(r)), stdout=subprocess.PIPE) for r in range(args.world_size)]
     results = []

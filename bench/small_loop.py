@@ -16,7 +16,6 @@ import argparse
 import multiprocessing as mp
 import os
 import resource
-import socket
 import time
 
 
@@ -48,13 +47,9 @@ def _rank(rank: int, world: int, backend: str, op: str, size: int, iters: int, p
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
+    from hetcomm.bench.launcher import free_port
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--world-size", type=int, default=4)
     ap.add_argument("--backend", default="hetcomm", help="hetcomm or gloo")
@@ -67,7 +62,7 @@ def main() -> None:
     for op in args.ops.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             results = ctx.Queue()
-            port = _free_port()
+            port = free_port()
             procs = [ctx.Process(target=_rank, args=(r, args.world_size, args.backend, op, size, args.iters, port,
                                                      results)) for r in range(args.world_size)]
             for p in procs:
