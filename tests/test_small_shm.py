@@ -10,8 +10,11 @@ peer and an abort all end in a clear error on every rank, never a hang.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -148,6 +151,64 @@ def test_small_collectives_between_socket_collectives_that_end_early(world_size)
     for rank, (wrong, small) in enumerate(run_ranks(_between_socket_ops, world_size, rounds, timeout=100)):
         assert wrong == 0, f"rank {rank}: {wrong} wrong results"
         assert small == 3 * rounds, f"rank {rank}: {small} of {3 * rounds} small calls took the arena"
+
+
+class _YieldNotes(logging.Handler):
+    """Counts the core's debug lines that say a yield gave the core away."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.backoffs = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "a yield kept the core" in record.getMessage():
+            self.backoffs += 1
+
+
+def _beside_busy_processes(rank: int, size: int, calls: int) -> tuple[int, str, int]:
+    import hetcomm
+
+    notes = _YieldNotes()
+    log = logging.getLogger("hetcomm")
+    log.addHandler(notes)
+    log.setLevel(logging.DEBUG)
+    rng = np.random.default_rng(7)  # the same inputs on every rank
+    inputs = rng.standard_normal((calls, size, 5)).astype(np.float32)
+    wrong, h = 0, hashlib.sha256()
+    with hetcomm.Communicator(rank, size, timeout=60) as comm:
+        for i in range(calls):
+            got = comm.allreduce(inputs[i, rank].copy())
+            # The arena folds in rank order 0..n-1, as this does.
+            want = inputs[i, 0].copy()
+            for r in range(1, size):
+                want += inputs[i, r]
+            wrong += int(got.tobytes() != want.tobytes())
+            wrong += int(not np.array_equal(comm.allgather(inputs[i, rank]).reshape(size, 5), inputs[i]))
+            h.update(got.tobytes())
+    return wrong, h.hexdigest(), notes.backoffs
+
+
+@pytest.mark.timeout(180)
+def test_small_collectives_beside_busy_processes_stay_exact_and_stop_yielding():
+    """With more ranks than cores a waiting rank yields its core; beside
+    processes that never sleep a yield hands them a whole time slice, and the
+    core turns yielding off for a while (its debug log says so). Results stay
+    exact and bit-identical either way."""
+    cores = os.cpu_count() or 1
+    if cores > 7:
+        pytest.skip(f"needs more ranks than cores; this host has {cores} cores")
+    size = max(4, cores + 1)  # more ranks than cores: the yielding wait
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        results = run_ranks(_beside_busy_processes, size, 150, timeout=160)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    for rank, (wrong, _, _) in enumerate(results):
+        assert wrong == 0, f"rank {rank}: {wrong} results differ from numpy's"
+    assert len({h for _, h, _ in results}) == 1, "allreduce results differ across ranks"
+    assert sum(b for _, _, b in results) > 0, "no rank stopped yielding beside busy processes"
 
 
 def _mismatched(rank: int, size: int, case: str) -> str:

@@ -172,6 +172,9 @@ static int wait_word(hc_exec *x, hc_shm_word *w, uint32_t want, int arrival) {
             int64_t after = hc_now_ns();
             if (after - before > YIELD_SLOW_NS) {
                 c->yield_off_until_ns = after + YIELD_BACKOFF_NS;
+                if (hc_log_enabled(HC_LOG_DEBUG))
+                    hc_log(HC_LOG_DEBUG, "%s: rank %d: a yield kept the core %.1f ms: small collectives sleep at once "
+                           "for %d ms", c->name, c->rank, (after - before) / 1e6, YIELD_BACKOFF_NS / 1000000);
                 break;
             }
             continue;
