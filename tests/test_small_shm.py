@@ -11,7 +11,6 @@ peer and an abort all end in a clear error on every rank, never a hang.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import subprocess
 import sys
@@ -21,31 +20,15 @@ import time
 import numpy as np
 import pytest
 
-from harness import run_ranks
+from harness import run_ranks, watch_log
 from test_collectives import DTYPES, check_allreduce, check_reduce_scatter_allgather, digest, exact_input, ops_for, reference
 
 PATH_NOTE = "shared-memory arena"
 COUNTS = [0, 1, 7, 300]
 
 
-class _Notes(logging.Handler):
-    """Counts the core's debug lines that say a collective took the arena."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.small = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if PATH_NOTE in record.getMessage():
-            self.small += 1
-
-
-def _watch_path() -> _Notes:
-    notes = _Notes()
-    log = logging.getLogger("hetcomm")
-    log.addHandler(notes)
-    log.setLevel(logging.DEBUG)
-    return notes
+def _watch_path():
+    return watch_log(PATH_NOTE)
 
 
 def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
@@ -67,7 +50,7 @@ def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
                     comm.barrier()
                     calls += 7
                     hashes[tag] = (digest(buf), digest(mine), digest(gathered))
-    return hashes, calls, notes.small
+    return hashes, calls, notes.count
 
 
 @pytest.mark.timeout(300)
@@ -111,7 +94,7 @@ def _bigger_than_small_bytes(rank: int, size: int) -> tuple[int, bool]:
         buf = np.full(16 * 1024 + 1, rank + 1, np.float32)  # 64 KiB + 4 B: the socket algorithms
         comm.allreduce(buf)
         ok = bool(np.all(buf == size * (size + 1) / 2))
-    return notes.small, ok
+    return notes.count, ok
 
 
 @pytest.mark.timeout(60)
@@ -141,7 +124,7 @@ def _between_socket_ops(rank: int, size: int, rounds: int) -> tuple[int, int]:
             wrong += int(not (x == sum(range(size)) + size * i).all())
             rs = comm.reduce_scatter(np.arange(size * 4, dtype=np.int64) + i)
             wrong += int(not (rs == size * (np.arange(rank * 4, rank * 4 + 4) + i)).all())
-    return wrong, notes.small
+    return wrong, notes.count
 
 
 @pytest.mark.timeout(120)
@@ -153,25 +136,10 @@ def test_small_collectives_between_socket_collectives_that_end_early(world_size)
         assert small == 3 * rounds, f"rank {rank}: {small} of {3 * rounds} small calls took the arena"
 
 
-class _YieldNotes(logging.Handler):
-    """Counts the core's debug lines that say a yield gave the core away."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.backoffs = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "a yield kept the core" in record.getMessage():
-            self.backoffs += 1
-
-
 def _beside_busy_processes(rank: int, size: int, calls: int) -> tuple[int, str, int]:
     import hetcomm
 
-    notes = _YieldNotes()
-    log = logging.getLogger("hetcomm")
-    log.addHandler(notes)
-    log.setLevel(logging.DEBUG)
+    notes = watch_log("a yield kept the core")
     rng = np.random.default_rng(7)  # the same inputs on every rank
     inputs = rng.standard_normal((calls, size, 5)).astype(np.float32)
     wrong, h = 0, hashlib.sha256()
@@ -185,7 +153,7 @@ def _beside_busy_processes(rank: int, size: int, calls: int) -> tuple[int, str, 
             wrong += int(got.tobytes() != want.tobytes())
             wrong += int(not np.array_equal(comm.allgather(inputs[i, rank]).reshape(size, 5), inputs[i]))
             h.update(got.tobytes())
-    return wrong, h.hexdigest(), notes.backoffs
+    return wrong, h.hexdigest(), notes.count
 
 
 @pytest.mark.timeout(180)
