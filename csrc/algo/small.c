@@ -159,9 +159,10 @@ static int wait_word(hc_exec *x, hc_shm_word *w, uint32_t want, int arrival) {
     /* Spinning only pays when the peers run meanwhile; with more ranks than
      * cores the waiter yields its core instead: the rank sharing it runs its
      * part at once, without a futex round trip and the wake-up of a halted
-     * core (4 ranks on 2 cores, per-call loop: 4-byte allreduce 122-152 -> 93-112 µs). A
-     * yield to another job costs that job's whole time slice (2 ms a call
-     * beside two busy processes), so one slow yield turns yielding off. */
+     * core (4 ranks on 2 cores, per-call loop: 4-byte allreduce 122-152 ->
+     * 93-112 µs). A yield to another job costs that job's whole time slice
+     * (2 ms a call beside two busy processes), so one slow yield turns
+     * yielding off. */
     int yield = oversubscribed(c);
     if (yield && start < c->yield_off_until_ns) spin_until = start;
     while (hc_now_ns() < spin_until) {
