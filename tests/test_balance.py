@@ -155,26 +155,32 @@ def test_balancer_gives_the_throttled_rank_fewer_samples() -> None:
 # ---- the example ------------------------------------------------------------------------------------
 
 
+# Large enough that the slow rank's repeated forwards (milliseconds) stand well above
+# the scheduling noise of two ranks on two cores; with 64 samples they took tens of
+# microseconds and about one run in six split the wrong way.
+EXAMPLE_BATCH = 4096
+
+
 @pytest.mark.timeout(300)
 def test_example_mixed_speed_runs_and_matches_the_uniform_update() -> None:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                           os.path.join(ROOT, "examples", "mixed_speed.py"), "--steps", "12", "--interval", "3",
-                          "--global-batch", "64", "--slow-ranks", "1", "--slow-factor", "4"],
+                          "--global-batch", str(EXAMPLE_BATCH), "--slow-ranks", "1", "--slow-factor", "4"],
                          env=env, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     done = re.search(r"done: (\d+) re-splits, final split \[(\d+), (\d+)\], parameter checksum (\S+)", out.stdout)
     assert done, out.stdout
     fast, slow = int(done.group(2)), int(done.group(3))
-    assert fast + slow == 64 and fast > slow, out.stdout
+    assert fast + slow == EXAMPLE_BATCH and fast > slow, out.stdout
     # The same 12 global batches on one process, plain SGD: the same parameters.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     data = torch.Generator().manual_seed(1)
     for _ in range(12):
-        x, y = torch.randn(64, 64, generator=data), torch.randn(64, 8, generator=data)
+        x, y = torch.randn(EXAMPLE_BATCH, 64, generator=data), torch.randn(EXAMPLE_BATCH, 8, generator=data)
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
