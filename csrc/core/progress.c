@@ -440,18 +440,24 @@ static int service_control(hc_comm *c, want *w) {
     return watch_monitors(c, w);
 }
 
-/* Refused CURVE clients, and peers whose control connection dropped. */
+/* What a failed handshake on this rank's CURVE port means, or NULL where it
+ * says nothing about this job's keys: NO_DETAIL is a connection that broke
+ * off mid-handshake, which is what a peer that has just failed for its own
+ * reason (and closed) leaves behind. */
+static const char *curve_port_failure(int ev) {
+    if (ev & HC_ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
+        return "refused a connection to its CURVE port: the connecting process's key is not in the allow-list";
+    if (ev & HC_ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        return "refused a connection to its CURVE port: the connecting process expected another server key "
+               "or spoke another protocol";
+    return NULL;
+}
+
+/* Peers whose control connection dropped or whose handshake failed, then
+ * refused CURVE clients. The peers come first: when this rank's key was
+ * refused, the peer that refused it may also have broken off its own
+ * connection to this rank, and the refusal is what the user must read. */
 static int watch_monitors(hc_comm *c, want *w) {
-    for (int ev; c->secure_monitor && (ev = hc_tp_read_event(c->secure_monitor)) != 0;) {
-        const char *what = "refused a connection to its CURVE port: the connecting process's key is not in "
-                           "the allow-list, or it expected another server key";
-        if (c->connected) { /* a running job ignores strangers */
-            hc_log(HC_LOG_WARNING, "%s: rank %d %s", c->name, c->rank, what);
-            continue;
-        }
-        hc_set_last_error("%s: rank %d %s", c->name, c->rank, what);
-        return HC_ERR_AUTH;
-    }
     for (int r = 0; r < c->size; r++) {
         hc_peer *p = &c->peers[r];
         if (r == c->rank || !p->monitor) continue;
@@ -477,6 +483,20 @@ static int watch_monitors(hc_comm *c, want *w) {
                 return p->secure ? HC_ERR_AUTH : HC_ERR_PROTOCOL;
             }
         }
+    }
+    for (int ev; c->secure_monitor && (ev = hc_tp_read_event(c->secure_monitor)) != 0;) {
+        const char *what = curve_port_failure(ev);
+        if (!what) {
+            hc_log(HC_LOG_INFO, "%s: rank %d: a connection to its CURVE port broke off during the handshake",
+                   c->name, c->rank);
+            continue;
+        }
+        if (c->connected) { /* a running job ignores strangers */
+            hc_log(HC_LOG_WARNING, "%s: rank %d %s", c->name, c->rank, what);
+            continue;
+        }
+        hc_set_last_error("%s: rank %d %s", c->name, c->rank, what);
+        return HC_ERR_AUTH;
     }
     return HC_OK;
 }
