@@ -348,6 +348,7 @@ class Communicator:
         cfg.shm_bytes = opts.shm_bytes
         cfg.spin_us = opts.spin_us
         cfg.cma_enable = int(opts.cma)
+        cfg.hugepages = int(opts.hugepages)
         cfg.wan_bandwidth = parse_rate(opts.wan_bandwidth) if opts.wan_bandwidth else 0.0
         if self._curve:
             cfg.curve_enable = 1

@@ -134,6 +134,7 @@ class Options:
     shm_bytes: int | None = None          # bytes per lane (HETCOMM_SHM_BYTES)
     spin_us: int | None = None            # small ops on one host: poll (spin or yield) before sleeping, -1 auto (HETCOMM_SPIN_US)
     cma: bool | None = None               # large ops on one host read peers' buffers directly (HETCOMM_CMA)
+    hugepages: bool | None = None         # ... and back this rank's buffers with huge pages (HETCOMM_HUGEPAGES)
     curve: bool | None = None             # CurveZMQ between sites; default: on when a secret is set (HETCOMM_CURVE)
     curve_secret: str | None = None       # this rank's NAME.key_secret from `hetcomm keygen` (HETCOMM_CURVE_SECRET)
     curve_allow: str | None = None        # directory of trusted public *.key files (HETCOMM_CURVE_ALLOW)
@@ -176,6 +177,8 @@ class Options:
             o.spin_us = -1 if env_str("HETCOMM_SPIN_US") == "-1" else env_int("HETCOMM_SPIN_US", -1)
         if o.cma is None:
             o.cma = env_bool("HETCOMM_CMA", True)
+        if o.hugepages is None:
+            o.hugepages = env_bool("HETCOMM_HUGEPAGES", True)
         o.curve_secret = o.curve_secret or env_str("HETCOMM_CURVE_SECRET")
         o.curve_allow = o.curve_allow or env_str("HETCOMM_CURVE_ALLOW")
         if o.curve is None:

@@ -329,3 +329,73 @@ def test_silent_peer_in_a_large_collective_times_out_naming_it():
         assert error.split(":")[0] in ("CommTimeoutError", "AbortedError"), (rank, text)
         assert "timed out" in error and "waiting for rank 2 (host" in error, (rank, text)
         assert rank == 2 or float(took) < 4, (rank, text)
+
+
+MADV_COLLAPSE = 25
+
+
+def _collapse_refused() -> str | None:
+    """Why this kernel cannot collapse pages into huge ones, or None."""
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    area = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    aligned = (start + (2 << 20) - 1) & ~((2 << 20) - 1)
+    area[:] = b"\1" * len(area)
+    failed = libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(2 << 20), MADV_COLLAPSE)
+    return f"madvise(MADV_COLLAPSE): {os.strerror(ctypes.get_errno())}" if failed else None
+
+
+def _anon_huge_kb(address: int) -> int:
+    """AnonHugePages of this process's mapping that holds ``address``."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _reused_buffer(rank: int, size: int, hugepages: bool) -> tuple[int, int]:
+    """Three in-place allreduces of one 16 MiB buffer in 4 KiB pages; returns
+    the huge KiB under it after them and the elements that differ from the
+    reference."""
+    import mmap
+
+    import hetcomm
+
+    count = 4 << 20
+    area = mmap.mmap(-1, count * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    x = np.frombuffer(area, np.float32)
+    base = (np.arange(count) % 1024).astype(np.float32)
+    expected = base * size + sum(range(size))
+    wrong = 0
+    with hetcomm.Communicator(rank, size, timeout=60, options=hetcomm.Options(hugepages=hugepages)) as comm:
+        for _ in range(3):
+            x[:] = base + rank
+            comm.allreduce(x)
+            wrong += int(np.count_nonzero(x != expected))
+        huge = _anon_huge_kb(x.ctypes.data)
+    del x
+    area.close()
+    return huge, wrong
+
+
+@pytest.mark.timeout(120)
+def test_reused_buffers_get_huge_pages_and_stay_exact():
+    why = _collapse_refused()
+    if why:
+        pytest.skip(f"this kernel cannot collapse pages into huge ones ({why})")
+    results = run_ranks(_reused_buffer, 2, True, timeout=90)
+    # The first call marks the buffer, the second collapses at least the
+    # 14 MiB of it that 2 MiB pages can cover wherever it starts.
+    for rank, (huge, wrong) in enumerate(results):
+        assert wrong == 0, f"rank {rank}: {wrong} elements differ from numpy's sum"
+        assert huge >= 14 << 10, f"rank {rank}: only {huge} KiB of the buffer in huge pages"
+    off = run_ranks(_reused_buffer, 2, False, timeout=90)
+    assert off == [(0, 0), (0, 0)], off

@@ -17,6 +17,9 @@
  * No rank returns before every peer said DONE: until then its buffers may
  * still be read.
  *
+ * The kernel pins and maps every page it copies, so the buffers' 2 MiB
+ * interiors are asked to be backed by huge pages (hugepages in the config).
+ *
  * The first such op of a communicator proves the path: every rank reads a
  * word from every peer, compares it with what the peer published, and all
  * ranks exchange their verdicts, so they all take the same path from then
@@ -84,6 +87,17 @@ static int buffers_usable(const hc_comm *c, const hc_op *op) {
     case HC_OP_REDUCE_SCATTER: return out == in + (size_t)c->rank * part || !overlaps(in, part * n, out, part);
     default: return 1;
     }
+}
+
+/* Huge pages under the buffers this rank's peers read and it writes (see
+ * hc_cma_hugepages). */
+static void prefer_huge_pages(hc_comm *c, const hc_op *op) {
+    if (!c->cfg.hugepages || c->cma_state == STATE_REFUSED) return;
+    size_t part = op->count * hc_dtype_size(op->dtype), n = (size_t)c->size;
+    size_t in_len = op->kind == HC_OP_REDUCE_SCATTER ? part * n : part;
+    size_t out_len = op->kind == HC_OP_ALLGATHER ? part * n : part;
+    if (op->kind != HC_OP_BROADCAST) hc_cma_hugepages(&c->huge, op->sendbuf, in_len);
+    if (op->kind == HC_OP_BROADCAST || op->recvbuf != op->sendbuf) hc_cma_hugepages(&c->huge, op->recvbuf, out_len);
 }
 
 static int send_all(hc_exec *x, const void *msg, size_t len) {
@@ -274,6 +288,7 @@ int hc_single_copy_run(hc_exec *x) {
         hc_cma_prepare();
         c->cma_proof = ((uint64_t)getpid() << 32 ^ (uint64_t)hc_now_ns() ^ c->cfg.comm_id) | 1;
     }
+    prefer_huge_pages(c, op);
     sc_addr a[c->size];
     sc_addr mine = {ADDR_MAGIC, (int32_t)getpid(), (uint32_t)buffers_usable(c, op), (uint64_t)(uintptr_t)op->sendbuf,
                     (uint64_t)(uintptr_t)op->recvbuf, (uint64_t)(uintptr_t)&c->cma_proof, c->cma_proof};

@@ -13,6 +13,7 @@
 #include "core/errors.h"
 #include "hetcomm.h"
 #include "transport/arena.h"
+#include "transport/cma.h"
 #include "transport/shm.h"
 #include "transport/wire.h"
 #include "transport/zmq_lib.h"
@@ -202,6 +203,7 @@ struct hc_comm {
     int64_t yield_off_until_ns; /* small waits sleep at once until then: a yield gave the core away (algo/small.c) */
     int cma_state;          /* large ops on one host read peers' memory: 0 untried, 1 works, -1 refused (algo/single_copy.c) */
     uint64_t cma_proof;     /* a word peers read to show they reach this process */
+    hc_huge_cache huge;     /* this rank's buffers that peers read, backed by huge pages (hugepages) */
     int *ring;              /* ring order: ranks with sites kept adjacent */
     int ring_pos;           /* this rank's index in ring */
 

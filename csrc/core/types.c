@@ -63,6 +63,7 @@ void hc_config_init(hc_config *cfg) {
     cfg->heartbeat_ms = 5000;
     cfg->spin_us = -1;
     cfg->cma_enable = 1;
+    cfg->hugepages = 1;
 }
 
 void hc_call_opts_init(hc_call_opts *opts) {

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/uio.h>
 
@@ -37,4 +38,27 @@ int hc_cma_read(pid_t pid, void *local, uint64_t remote, size_t len) {
         len -= (size_t)n;
     }
     return 0;
+}
+
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+#define HUGE_PAGE (2u << 20)
+
+void hc_cma_hugepages(hc_huge_cache *cache, const void *buf, size_t len) {
+    uintptr_t start = ((uintptr_t)buf + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1);
+    uintptr_t end = ((uintptr_t)buf + len) & ~(uintptr_t)(HUGE_PAGE - 1);
+    if (end <= start) return;
+    size_t n = end - start;
+    for (int i = 0; i < HC_HUGE_RANGES; i++) {
+        if (cache->range[i].start != start || cache->range[i].len != n) continue;
+        if (!cache->range[i].collapsed) (void)madvise((void *)start, n, MADV_COLLAPSE);
+        cache->range[i].collapsed = 1;
+        return;
+    }
+    unsigned i = cache->next++ % HC_HUGE_RANGES;
+    cache->range[i].start = start;
+    cache->range[i].len = n;
+    cache->range[i].collapsed = 0;
+    (void)madvise((void *)start, n, MADV_HUGEPAGE);
 }

@@ -24,4 +24,27 @@ void hc_cma_prepare(void);
  * not mapped there; EPERM, ENOSYS: the kernel refuses). */
 int hc_cma_read(pid_t pid, void *local, uint64_t remote, size_t len);
 
+/* Buffers whose 2 MiB-aligned interior this process asked the kernel to back
+ * with huge pages. The kernel pins and maps every page a read touches, and
+ * in a VM a 4 KiB page costs a nested page walk: on the 2-core VM reading
+ * 2 MiB pages made a 2-rank 16 MiB allreduce through torch 7.4 -> 4.1 ms. */
+#define HC_HUGE_RANGES 16
+typedef struct hc_huge_cache {
+    struct {
+        uintptr_t start;
+        size_t len;
+        int collapsed;
+    } range[HC_HUGE_RANGES];
+    unsigned next;
+} hc_huge_cache;
+
+/* Asks for huge pages under the 2 MiB-aligned interior of `buf`. A range
+ * seen for the first time is only marked (MADV_HUGEPAGE: pages faulted from
+ * then on are huge); seen again, it is a buffer the caller reuses, and its
+ * present pages are collapsed into huge ones (MADV_COLLAPSE, Linux 6.1: a
+ * copy), once per range while the cache remembers it, so buffers that come
+ * back with fresh pages at the same address cost one collapse, not one per
+ * call. Errors are ignored: the pages stay as they are. */
+void hc_cma_hugepages(hc_huge_cache *cache, const void *buf, size_t len);
+
 #endif
