@@ -23,6 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def interruptible() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT: a shell's
+    background job (``cmd &`` without job control) starts with SIGINT
+    ignored, and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def rank_context() -> Any:
     """Ranks fork from a server that imported numpy and torch once: spawning
     each rank afresh costs ~2.5 s of CPU for `import torch`, most of the

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness import interruptible
 from hetcomm.bench.collectives import COLLECTIVES, DTYPES, build_plan, parse_ops, tolerance
 from hetcomm.bench.data import check, expected_segments, send_data, sum_pattern
 from hetcomm.bench.sizes import auto_iters, auto_warmup, parse_size, parse_size_list, size_range
@@ -348,7 +349,7 @@ def test_ctrl_c_stops_every_rank(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(fault_dir(tmp_path, _SLOW_AND_RECORD_PIDS)), str(ROOT)])
     proc = subprocess.Popen([sys.executable, "-m", "hetcomm.bench.cli", "--backend", "gloo", "--ops",
                              "allreduce", "--sizes", "4", "--iters", "1000"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 60
         while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import interruptible
 from hetcomm.testbed import netns
 from hetcomm.testbed import probe as netns_probe
 
@@ -302,7 +303,7 @@ def test_spawn_ranks_places_ranks_in_sites() -> None:
 def _child(code: str) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible)
 
 
 _CHILD_BED = """
