@@ -1,21 +1,22 @@
 /*
  * Large collectives between ranks of one host with one copy per byte: each
- * rank reads its peers' buffers directly (transport/cma.h) instead of the
- * peer copying into a shared-memory lane and this rank copying out of it.
+ * rank reads (and for allreduce writes) its peers' buffers directly
+ * (transport/cma.h) instead of the peer copying into a shared-memory lane
+ * and this rank copying out of it.
  *
  * Allreduce: rank i owns run i of the buffer (hc_split). It reads the
- * peers' inputs of that run block by block into a cache-sized scratch and
- * folds them into its output, then says READY; every rank then reads each
- * owner's finished run straight from the owner's output into its own. Only
- * the owner reduces a run, so all ranks end with the owner's bits.
- * Allgather reads each peer's input into place; reduce_scatter folds the
- * peers' blocks of this rank; broadcast reads the root's buffer.
+ * peers' inputs of that run block by block into a cache-sized scratch,
+ * folds them into its output and writes each folded block, still in cache,
+ * into every peer's output. Only the owner reduces a run, so all ranks end
+ * with the owner's bits. Allgather reads each peer's input into place;
+ * reduce_scatter folds the peers' blocks of this rank; broadcast reads the
+ * root's buffer.
  *
- * The small control messages (ADDR: where this rank's buffers are; READY;
- * DONE) go over the sockets as ordinary messages of the op, so a mismatched
- * call, an abort, a timeout or a lost peer fail the op as on any other path.
- * No rank returns before every peer said DONE: until then its buffers may
- * still be read.
+ * The small control messages (ADDR: where this rank's buffers are; DONE) go
+ * over the sockets as ordinary messages of the op, so a mismatched call, an
+ * abort, a timeout or a lost peer fail the op as on any other path. No rank
+ * returns before every peer said DONE: until then its buffers may still be
+ * read or written.
  *
  * The kernel pins and maps every page it copies, so the buffers' 2 MiB
  * interiors are asked to be backed by huge pages (hugepages in the config).
@@ -149,25 +150,31 @@ static int recv_addrs(hc_exec *x, sc_addr *a) {
     return HC_OK;
 }
 
-/* Copies `len` bytes at `remote` in rank r's process to `dst`. */
-static int read_peer(hc_exec *x, int r, const sc_addr *a, void *dst, uint64_t remote, size_t len) {
-    int e = hc_cma_read(a->pid, dst, remote, len);
+/* Copies `len` bytes between `mine` and `remote` in rank r's process: from
+ * there (`write` 0) or to there (1). */
+static int copy_peer(hc_exec *x, int r, const sc_addr *a, void *mine, uint64_t remote, size_t len, int write) {
+    int e = write ? hc_cma_write(a->pid, mine, remote, len) : hc_cma_read(a->pid, mine, remote, len);
     if (!e) return HC_OK;
     hc_comm *c = x->comm;
     char who[160];
     hc_peer_desc(c, r, who, sizeof who);
     if (e == ESRCH || (e == EFAULT && kill(a->pid, 0) != 0 && errno == ESRCH)) {
-        int rc = hc_xfail(x, HC_ERR_PEER_LOST, "%s exited while rank %d read its buffer in %s #%" PRIu64, who,
-                          c->rank, hc_op_kind_name(x->op->kind), x->op->seq);
-        hc_member_fail(c, r, "its process is gone (process_vm_readv found no such process)");
+        int rc = hc_xfail(x, HC_ERR_PEER_LOST, "%s exited while rank %d %s its buffer in %s #%" PRIu64, who, c->rank,
+                          write ? "wrote" : "read", hc_op_kind_name(x->op->kind), x->op->seq);
+        hc_member_fail(c, r, "its process is gone (process_vm_readv/writev found no such process)");
         return rc;
     }
     /* A peer whose op already failed (an abort, a timeout) may have let go
      * of its buffers: its ABORT, sent before that, is the error to report. */
     int rc = hc_progress_poll(c, x->op, r, ABORT_GRACE_MS);
     if (rc != HC_OK) return rc;
-    return hc_xfail(x, HC_ERR_TRANSPORT, "rank %d could not read %zu bytes at %#" PRIx64 " of %s in %s #%" PRIu64 ": %s",
-                    c->rank, len, remote, who, hc_op_kind_name(x->op->kind), x->op->seq, strerror(e));
+    return hc_xfail(x, HC_ERR_TRANSPORT, "rank %d could not %s %zu bytes at %#" PRIx64 " of %s in %s #%" PRIu64 ": %s",
+                    c->rank, write ? "write" : "read", len, remote, who, hc_op_kind_name(x->op->kind), x->op->seq,
+                    strerror(e));
+}
+
+static int read_peer(hc_exec *x, int r, const sc_addr *a, void *dst, uint64_t remote, size_t len) {
+    return copy_peer(x, r, a, dst, remote, len, 0);
 }
 
 /* First op of the communicator on this path: can every rank read every peer? */
@@ -205,8 +212,9 @@ static int agree_on_path(hc_exec *x, const sc_addr *a) {
 
 /* dst = fold of every rank's `count` elements at byte offset `off` of its
  * input (this rank's at `mine`), this rank first, then the others in rank
- * order, block by block. */
-static int fold_run(hc_exec *x, const sc_addr *a, uint64_t off, const char *mine, char *dst, size_t count) {
+ * order, block by block. With `push`, each folded block is also written to
+ * the same offset of every peer's output while it is still in cache. */
+static int fold_run(hc_exec *x, const sc_addr *a, uint64_t off, const char *mine, char *dst, size_t count, int push) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
     size_t es = hc_dtype_size(op->dtype), be = BLOCK_BYTES / es;
@@ -215,36 +223,33 @@ static int fold_run(hc_exec *x, const sc_addr *a, uint64_t off, const char *mine
     for (size_t b = 0; b < count; b += be) {
         size_t len = count - b < be ? count - b : be;
         const char *acc = mine + b * es;
+        char *block = dst + b * es;
         for (int r = 0; r < c->size; r++) {
             if (r == c->rank) continue;
             int rc = read_peer(x, r, &a[r], scratch, a[r].in + off + b * es, len * es);
             if (rc != HC_OK) return rc;
-            hc_reduce_kernel(dst + b * es, acc, scratch, len, op->dtype, op->redop);
-            acc = dst + b * es;
+            hc_reduce_kernel(block, acc, scratch, len, op->dtype, op->redop);
+            acc = block;
         }
-        if (op->redop == HC_AVG) hc_divide_kernel(dst + b * es, len, op->dtype, c->size);
+        if (op->redop == HC_AVG) hc_divide_kernel(block, len, op->dtype, c->size);
+        for (int k = 1; push && k < c->size; k++) {
+            int r = (c->rank + k) % c->size;
+            int rc = copy_peer(x, r, &a[r], block, a[r].out + off + b * es, len * es, 1);
+            if (rc != HC_OK) return rc;
+        }
     }
     return HC_OK;
 }
 
+/* Rank i folds run i of the buffer and writes it into every output. Only
+ * the owner reads a run of a peer's input, and it reads each block before
+ * it writes that block back, so buffers reduced in place are safe too. */
 static int allreduce(hc_exec *x, const sc_addr *a) {
-    hc_comm *c = x->comm;
     hc_op *op = x->op;
-    int n = c->size, me = c->rank;
+    int n = x->comm->size, me = x->comm->rank;
     size_t es = hc_dtype_size(op->dtype);
-    const char *in = op->sendbuf;
-    char *out = op->recvbuf;
     size_t lo = hc_split(op->count, n, me), hi = hc_split(op->count, n, me + 1);
-    int rc = fold_run(x, a, lo * es, in + lo * es, out + lo * es, hi - lo);
-    uint32_t ready = 1;
-    if (rc == HC_OK) rc = send_all(x, &ready, sizeof ready);
-    for (int k = 1; k < n && rc == HC_OK; k++) {
-        int o = (me + k) % n;
-        size_t olo = hc_split(op->count, n, o), ohi = hc_split(op->count, n, o + 1);
-        if ((rc = hc_xrecv_into(x, o, &ready, sizeof ready)) == HC_OK)
-            rc = read_peer(x, o, &a[o], out + olo * es, a[o].out + olo * es, (ohi - olo) * es);
-    }
-    return rc;
+    return fold_run(x, a, lo * es, (const char *)op->sendbuf + lo * es, (char *)op->recvbuf + lo * es, hi - lo, 1);
 }
 
 static int allgather(hc_exec *x, const sc_addr *a) {
@@ -263,7 +268,7 @@ static int allgather(hc_exec *x, const sc_addr *a) {
 static int reduce_scatter(hc_exec *x, const sc_addr *a) {
     hc_op *op = x->op;
     size_t part = op->count * hc_dtype_size(op->dtype), off = (size_t)x->comm->rank * part;
-    return fold_run(x, a, off, (const char *)op->sendbuf + off, op->recvbuf, op->count);
+    return fold_run(x, a, off, (const char *)op->sendbuf + off, op->recvbuf, op->count, 0);
 }
 
 static int broadcast(hc_exec *x, const sc_addr *a) {

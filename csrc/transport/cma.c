@@ -23,21 +23,28 @@ static void allow_readers(void) {
 
 void hc_cma_prepare(void) { pthread_once(&prepared, allow_readers); }
 
-int hc_cma_read(pid_t pid, void *local, uint64_t remote, size_t len) {
-    char *dst = local;
+/* One direction of a copy between this process and `pid`. */
+static int cma_copy(pid_t pid, void *local, uint64_t remote, size_t len, int write) {
+    char *mine = local;
     while (len) {
-        struct iovec l = {dst, len}, r = {(void *)(uintptr_t)remote, len};
-        ssize_t n = process_vm_readv(pid, &l, 1, &r, 1, 0);
+        struct iovec l = {mine, len}, r = {(void *)(uintptr_t)remote, len};
+        ssize_t n = write ? process_vm_writev(pid, &l, 1, &r, 1, 0) : process_vm_readv(pid, &l, 1, &r, 1, 0);
         if (n < 0) {
             if (errno == EINTR) continue;
             return errno;
         }
-        if (n == 0) return EFAULT; /* a partial read stops at the first unmapped page */
-        dst += n;
+        if (n == 0) return EFAULT; /* a partial copy stops at the first unmapped page */
+        mine += n;
         remote += (uint64_t)n;
         len -= (size_t)n;
     }
     return 0;
+}
+
+int hc_cma_read(pid_t pid, void *local, uint64_t remote, size_t len) { return cma_copy(pid, local, remote, len, 0); }
+
+int hc_cma_write(pid_t pid, const void *local, uint64_t remote, size_t len) {
+    return cma_copy(pid, (void *)local, remote, len, 1);
 }
 
 #ifndef MADV_COLLAPSE

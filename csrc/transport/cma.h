@@ -1,7 +1,7 @@
 /*
- * Cross-memory attach: reading another process's memory on this host with
- * process_vm_readv, one kernel copy from its pages into ours, with no shared
- * segment in between. The large-message path between ranks of one host
+ * Cross-memory attach: reading and writing another process's memory on this
+ * host with process_vm_readv/writev, one kernel copy between its pages and
+ * ours, with no shared segment in between. The large-message path between ranks of one host
  * (algo/single_copy.c) reads its peers' buffers this way.
  *
  * The kernel allows it where this process may ptrace the other one (same
@@ -23,6 +23,8 @@ void hc_cma_prepare(void);
  * errno that stopped it (ESRCH: the process is gone; EFAULT: the range is
  * not mapped there; EPERM, ENOSYS: the kernel refuses). */
 int hc_cma_read(pid_t pid, void *local, uint64_t remote, size_t len);
+/* Copies `len` bytes at `local` to `remote` in process `pid` (process_vm_writev); errors as hc_cma_read. */
+int hc_cma_write(pid_t pid, const void *local, uint64_t remote, size_t len);
 
 /* Buffers whose 2 MiB-aligned interior this process asked the kernel to back
  * with huge pages. The kernel pins and maps every page a read touches, and
