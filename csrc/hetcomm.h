@@ -193,8 +193,8 @@ typedef struct hc_config {
     int cma_enable;            /* 1: large collectives between ranks of one host read the
                                   peers' buffers directly (process_vm_readv), falling back to
                                   the lanes where the kernel refuses; must match on all ranks */
-    int hugepages;             /* 1: buffers of those collectives get huge pages (the 2 MiB
-                                  interior: advised at first use, collapsed at the second);
+    int hugepages;             /* 1: buffers of those collectives get huge pages (their 2 MiB
+                                  interior, collapsed when a buffer is used a second time);
                                   this rank's choice alone */
 } hc_config;
 

@@ -67,5 +67,4 @@ void hc_cma_hugepages(hc_huge_cache *cache, const void *buf, size_t len) {
     cache->range[i].start = start;
     cache->range[i].len = n;
     cache->range[i].collapsed = 0;
-    (void)madvise((void *)start, n, MADV_HUGEPAGE);
 }

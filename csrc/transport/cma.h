@@ -40,13 +40,13 @@ typedef struct hc_huge_cache {
     unsigned next;
 } hc_huge_cache;
 
-/* Asks for huge pages under the 2 MiB-aligned interior of `buf`. A range
- * seen for the first time is only marked (MADV_HUGEPAGE: pages faulted from
- * then on are huge); seen again, it is a buffer the caller reuses, and its
- * present pages are collapsed into huge ones (MADV_COLLAPSE, Linux 6.1: a
- * copy), once per range while the cache remembers it, so buffers that come
- * back with fresh pages at the same address cost one collapse, not one per
- * call. Errors are ignored: the pages stay as they are. */
+/* Huge pages under the 2 MiB-aligned interior of `buf`: a range seen for
+ * the first time is only remembered; seen again, it is a buffer the caller
+ * reuses, and its pages are collapsed into huge ones (MADV_COLLAPSE, Linux
+ * 6.1: a copy), once per range while the cache remembers it, so buffers
+ * that come back with fresh pages at the same address cost one collapse,
+ * not one per call. No MADV_HUGEPAGE: it would split the caller's mappings
+ * at every buffer's edges. Errors are ignored: the pages stay as they are. */
 void hc_cma_hugepages(hc_huge_cache *cache, const void *buf, size_t len);
 
 #endif
