@@ -202,7 +202,7 @@ typedef struct hc_config {
  * timeout, 5 s heartbeat, no codec, no CURVE, 16 MiB shared-memory lanes to
  * peers on the same host (their `host` equal to ours) and site, large
  * collectives among ranks of one host reading each other's buffers
- * (cma_enable). rank and size are -1. */
+ * (cma_enable) in huge pages (hugepages). rank and size are -1. */
 void hc_config_init(hc_config *cfg);
 
 int hc_comm_create(const hc_config *cfg, hc_comm **out);

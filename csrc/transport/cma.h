@@ -1,8 +1,8 @@
 /*
  * Cross-memory attach: reading and writing another process's memory on this
  * host with process_vm_readv/writev, one kernel copy between its pages and
- * ours, with no shared segment in between. The large-message path between ranks of one host
- * (algo/single_copy.c) reads its peers' buffers this way.
+ * ours, with no shared segment in between. The large-message path between
+ * ranks of one host (algo/single_copy.c) reaches its peers' buffers this way.
  *
  * The kernel allows it where this process may ptrace the other one (same
  * user, or root; Yama's ptrace_scope 1 needs the target's consent, which
@@ -26,10 +26,10 @@ int hc_cma_read(pid_t pid, void *local, uint64_t remote, size_t len);
 /* Copies `len` bytes at `local` to `remote` in process `pid` (process_vm_writev); errors as hc_cma_read. */
 int hc_cma_write(pid_t pid, const void *local, uint64_t remote, size_t len);
 
-/* Buffers whose 2 MiB-aligned interior this process asked the kernel to back
- * with huge pages. The kernel pins and maps every page a read touches, and
- * in a VM a 4 KiB page costs a nested page walk: on the 2-core VM reading
- * 2 MiB pages made a 2-rank 16 MiB allreduce through torch 7.4 -> 4.1 ms. */
+/* Buffers whose 2 MiB-aligned interior this process had collapsed into huge
+ * pages. The kernel pins and maps every page a copy touches, and in a VM a
+ * 4 KiB page costs a nested page walk: on the 2-core VM, torch tensors in
+ * 2 MiB pages made a 2-rank 16 MiB allreduce 7.4 -> 4.1 ms. */
 #define HC_HUGE_RANGES 16
 typedef struct hc_huge_cache {
     struct {
