@@ -177,7 +177,9 @@ static int read_peer(hc_exec *x, int r, const sc_addr *a, void *dst, uint64_t re
     return copy_peer(x, r, a, dst, remote, len, 0);
 }
 
-/* First op of the communicator on this path: can every rank read every peer? */
+/* First op of the communicator on this path: can every rank read and write
+ * every peer? (A seccomp profile may allow one call and not the other.) The
+ * write puts back the value just read. */
 static int agree_on_path(hc_exec *x, const sc_addr *a) {
     hc_comm *c = x->comm;
     uint32_t verdict = 1, verdicts[c->size];
@@ -186,6 +188,7 @@ static int agree_on_path(hc_exec *x, const sc_addr *a) {
         if (r == c->rank) continue;
         uint64_t seen = 0;
         int e = hc_cma_read(a[r].pid, &seen, a[r].proof_addr, sizeof seen);
+        if (!e && seen == a[r].proof) e = hc_cma_write(a[r].pid, &seen, a[r].proof_addr, sizeof seen);
         if (e || seen != a[r].proof) {
             verdict = 0;
             first_errno = e;
@@ -201,11 +204,11 @@ static int agree_on_path(hc_exec *x, const sc_addr *a) {
         if (!verdicts[r]) c->cma_state = STATE_REFUSED;
     if (!verdict)
         hc_log(HC_LOG_WARNING,
-               "%s: rank %d cannot read rank %d's memory (process_vm_readv: %s); large collectives on this host "
-               "use the shared-memory lanes (HETCOMM_CMA=0 skips the attempt)",
+               "%s: rank %d cannot read or write rank %d's memory (process_vm_readv/writev: %s); large "
+               "collectives on this host use the shared-memory lanes (HETCOMM_CMA=0 skips the attempt)",
                c->name, c->rank, failed_peer, first_errno ? strerror(first_errno) : "another process answered");
     else if (c->cma_state == STATE_REFUSED)
-        hc_log(HC_LOG_INFO, "%s: rank %d: another rank may not read its peers' memory; large collectives use the "
+        hc_log(HC_LOG_INFO, "%s: rank %d: another rank may not reach its peers' memory; large collectives use the "
                "shared-memory lanes", c->name, c->rank);
     return HC_OK;
 }
