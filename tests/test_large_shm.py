@@ -339,12 +339,14 @@ def _collapse_refused() -> str | None:
     import mmap
 
     libc = ctypes.CDLL(None, use_errno=True)
-    area = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    start = ctypes.addressof(ctypes.c_char.from_buffer(area))
-    aligned = (start + (2 << 20) - 1) & ~((2 << 20) - 1)
-    area[:] = b"\1" * len(area)
-    failed = libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(2 << 20), MADV_COLLAPSE)
-    return f"madvise(MADV_COLLAPSE): {os.strerror(ctypes.get_errno())}" if failed else None
+    with mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as area:
+        area[:] = b"\1" * len(area)
+        view = ctypes.c_char.from_buffer(area)
+        aligned = (ctypes.addressof(view) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        failed = libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(2 << 20), MADV_COLLAPSE)
+        errno = ctypes.get_errno()
+        del view  # the mapping cannot close while ctypes holds it
+    return f"madvise(MADV_COLLAPSE): {os.strerror(errno)}" if failed else None
 
 
 def _anon_huge_kb(address: int) -> int:
