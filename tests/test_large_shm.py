@@ -1,8 +1,8 @@
 """Large collectives between ranks of one host, read straight from the peers'
 buffers with process_vm_readv (csrc/algo/single_copy.c).
 
-Allreduce, allgather, reduce_scatter and broadcast of at least 1 MiB take
-that path when every rank shares the host. These tests check that they do
+Allreduce, allgather, reduce_scatter and broadcast larger than the arena's
+64 KiB take that path when every rank shares the host. These tests check that they do
 (the core's debug log says so), that results equal numpy's and are
 bit-identical across ranks, in place too, on both sides of the threshold,
 that the lanes (HETCOMM_CMA=0, or a kernel that refuses the reads) give the
@@ -24,7 +24,8 @@ from test_collectives import check_allreduce, check_reduce_scatter_allgather, di
 from test_small_shm import _error_of
 
 PATH_NOTE = "single copy from the peers' buffers"
-MIN_BYTES = 1 << 20  # the path's threshold (MIN_BYTES in single_copy.c)
+MIN_BYTES = 64 << 10  # the path takes what the arena does not: above HETCOMM_SMALL_BYTES (default 64 KiB)
+BLOCKS_BYTES = 1 << 20  # several of the allreduce's 128 KiB fold blocks a rank
 DTYPES = [np.float32, np.float64, np.float16, np.int8, np.int64, np.bool_]
 
 
@@ -39,10 +40,12 @@ def _ops(dtype) -> list[str]:
 
 
 def _counts(dtype) -> list[int]:
-    """Above the threshold by an odd count that no rank count divides; for
-    float32 also just below it (the rings)."""
+    """Above the threshold, and above several fold blocks a rank, by an odd
+    count that no rank count divides; for float32 also just below the
+    threshold (the arena)."""
     es = np.dtype(dtype).itemsize
-    return [MIN_BYTES // es - 1, MIN_BYTES // es + 7] if dtype == np.float32 else [MIN_BYTES // es + 7]
+    above = [MIN_BYTES // es + 7, BLOCKS_BYTES // es + 7]
+    return [MIN_BYTES // es - 1] + above if dtype == np.float32 else above
 
 
 def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
@@ -57,7 +60,7 @@ def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
         for dtype in DTYPES:
             es = np.dtype(dtype).itemsize
             for count in _counts(dtype):
-                big = count * es >= MIN_BYTES
+                big = count * es > MIN_BYTES
                 for op in _ops(dtype):
                     tag = (np.dtype(dtype).name, op, count)
                     inputs = [exact_input(r, count, dtype, op) for r in range(size)]
@@ -68,7 +71,7 @@ def _matrix(rank: int, size: int) -> tuple[dict, int, int]:
                 # reduce_scatter and allgather: `block` elements a rank, the
                 # whole buffer on both sides of the threshold too
                 block = count // size + 1
-                whole = block * size * es >= MIN_BYTES
+                whole = block * size * es > MIN_BYTES
                 inputs = [exact_input(r, block * size, dtype, "sum") for r in range(size)]
                 want = reference(inputs, "sum", dtype)
                 mine, gathered = check_reduce_scatter_allgather(comm, inputs, want, "sum", block, (dtype, block))
@@ -250,7 +253,7 @@ def _mismatched(rank: int, size: int, case: str, warm: bool) -> str:
     import hetcomm
 
     options = hetcomm.Options(cma=not (case == "paths" and rank == 0))
-    if warm and case == "paths" and rank == 0:  # 2 MiB: rings on rank 0, the single copy on the others
+    if warm and case == "paths" and rank == 0:  # 128 KiB: rings on rank 0, the single copy on the others
         options = hetcomm.Options(small_bytes=4 << 20)
     try:  # the others may fail the first op, and the communicator, while this rank still connects
         comm = hetcomm.Communicator(rank, size, timeout=20, options=options)
@@ -262,14 +265,14 @@ def _mismatched(rank: int, size: int, case: str, warm: bool) -> str:
             if case == "paths":
                 comm.allreduce(np.ones(MIN_BYTES // 2, np.float32))
         if case == "count":
-            comm.allreduce(np.ones(MIN_BYTES // 4 + (rank == 1), np.float32))
+            comm.allreduce(np.ones(MIN_BYTES + (rank == 1), np.float32))
         elif case == "kind":
             if rank == 0:
-                comm.allgather(np.ones(MIN_BYTES // 4 // size, np.float32))
+                comm.allgather(np.ones(MIN_BYTES // size, np.float32))
             else:
-                comm.allreduce(np.ones(MIN_BYTES // 4, np.float32))
+                comm.allreduce(np.ones(MIN_BYTES, np.float32))
         else:  # rank 0 has the path off: it runs the rings
-            comm.allreduce(np.ones(MIN_BYTES // 4, np.float32))
+            comm.allreduce(np.ones(MIN_BYTES, np.float32))
         comm.barrier()
     except hetcomm.HetcommError as exc:
         return f"{type(exc).__name__}: {exc}"

@@ -276,6 +276,22 @@ def test_abort_wakes_a_small_collective_here_and_on_peers():
     assert float(results[0].split("s ")[0]) < 2, results[0]
 
 
+def _late_peer(comm, rank: int) -> None:
+    """Rank 2 comes to a small allreduce after the others gave up waiting for
+    it: its call fails too, instead of folding slots the others let go of."""
+    comm.allreduce(np.ones(10, np.float32))
+    if rank == 2:
+        time.sleep(4)
+    comm.allreduce(np.ones(10, np.float32))
+
+
+@pytest.mark.timeout(60)
+def test_late_peer_in_a_small_collective_fails_there_too():
+    results = run_ranks(_error_of, 3, _late_peer, 2, timeout=50)
+    for rank, text in enumerate(results):
+        assert "timed out" in text and "waiting for rank 2 (host" in text, (rank, text)
+
+
 def _torch_small(rank: int, size: int) -> list:
     import torch
     import torch.distributed as dist

@@ -12,11 +12,14 @@
  * reduce_scatter folds the peers' blocks of this rank; broadcast reads the
  * root's buffer.
  *
- * The small control messages (ADDR: where this rank's buffers are; DONE) go
- * over the sockets as ordinary messages of the op, so a mismatched call, an
- * abort, a timeout or a lost peer fail the op as on any other path. No rank
- * returns before every peer said DONE: until then its buffers may still be
- * read or written.
+ * Where this rank's buffers are (ADDR) and that it is done (DONE) pass
+ * through the shared-memory arena when every rank mapped it: one arrival
+ * barrier and one departure barrier, as a small collective's (algo/small.c),
+ * with its checks of the calls, aborts, timeouts and lost peers. A socket
+ * message costs a wake-up of two I/O threads on each side, which dominated
+ * collectives of a few MiB. Without the arena both go over the sockets as
+ * ordinary messages of the op. No rank returns before every peer is done:
+ * until then its buffers may still be read or written.
  *
  * The kernel pins and maps every page it copies, so the buffers' 2 MiB
  * interiors are asked to be backed by huge pages (hugepages in the config).
@@ -37,8 +40,8 @@
 #include "core/internal.h"
 #include "transport/cma.h"
 
-/* Below this a collective stays on the rings (and, smaller still, the arena). */
-#define MIN_BYTES (1u << 20)
+/* Up to this a collective goes through the arena (HETCOMM_SMALL_BYTES), or the rings. */
+#define MIN_BYTES (64u << 10)
 /* Peers' pieces are folded in blocks this size: read into scratch and
  * reduced while the scratch and the output block are still in L2. */
 #define BLOCK_BYTES (128u << 10)
@@ -66,7 +69,7 @@ int hc_single_copy_fits(const hc_comm *c, const hc_op *op) {
     else if (op->kind == HC_OP_BROADCAST) whole = part;
     else if (op->kind == HC_OP_ALLGATHER || op->kind == HC_OP_REDUCE_SCATTER) whole = part * (size_t)c->size;
     else return 0;
-    if (whole < MIN_BYTES || whole < c->cfg.small_bytes) return 0;
+    if (whole <= MIN_BYTES || whole <= c->cfg.small_bytes) return 0;
     for (int r = 0; r < c->size; r++)
         if (r != c->rank && (!c->peers[r].host || strcmp(c->peers[r].host, c->host) != 0)) return 0;
     return 1;
@@ -150,23 +153,40 @@ static int recv_addrs(hc_exec *x, sc_addr *a) {
     return HC_OK;
 }
 
+/* Every rank's sc_addr into a[]: through the arena when every rank mapped
+ * it (one barrier, no socket hop), else as ADDR messages. */
+static int exchange_addrs(hc_exec *x, sc_addr *a) {
+    hc_comm *c = x->comm;
+    if (!c->small_shm) {
+        int rc = send_all(x, &a[c->rank], sizeof *a);
+        return rc == HC_OK ? recv_addrs(x, a) : rc;
+    }
+    int rc = hc_small_gather(x, &a[c->rank], sizeof *a);
+    for (int r = 0; r < c->size && rc == HC_OK; r++)
+        if (r != c->rank) memcpy(&a[r], hc_small_peer_data(x, r), sizeof *a);
+    return rc;
+}
+
 /* Copies `len` bytes between `mine` and `remote` in rank r's process: from
  * there (`write` 0) or to there (1). */
 static int copy_peer(hc_exec *x, int r, const sc_addr *a, void *mine, uint64_t remote, size_t len, int write) {
     int e = write ? hc_cma_write(a->pid, mine, remote, len) : hc_cma_read(a->pid, mine, remote, len);
     if (!e) return HC_OK;
     hc_comm *c = x->comm;
+    /* A peer that gave up on the op (a timeout, an abort) said so before it let go of its buffers. */
+    int rc = hc_progress_poll(c, x->op, r, 0);
+    if (rc != HC_OK) return rc;
     char who[160];
     hc_peer_desc(c, r, who, sizeof who);
     if (e == ESRCH || (e == EFAULT && kill(a->pid, 0) != 0 && errno == ESRCH)) {
-        int rc = hc_xfail(x, HC_ERR_PEER_LOST, "%s exited while rank %d %s its buffer in %s #%" PRIu64, who, c->rank,
-                          write ? "wrote" : "read", hc_op_kind_name(x->op->kind), x->op->seq);
+        rc = hc_xfail(x, HC_ERR_PEER_LOST, "%s exited while rank %d %s its buffer in %s #%" PRIu64, who, c->rank,
+                      write ? "wrote" : "read", hc_op_kind_name(x->op->kind), x->op->seq);
         hc_member_fail(c, r, "its process is gone (process_vm_readv/writev found no such process)");
         return rc;
     }
     /* A peer whose op already failed (an abort, a timeout) may have let go
      * of its buffers: its ABORT, sent before that, is the error to report. */
-    int rc = hc_progress_poll(c, x->op, r, ABORT_GRACE_MS);
+    rc = hc_progress_poll(c, x->op, r, ABORT_GRACE_MS);
     if (rc != HC_OK) return rc;
     return hc_xfail(x, HC_ERR_TRANSPORT, "rank %d could not %s %zu bytes at %#" PRIx64 " of %s in %s #%" PRIu64 ": %s",
                     c->rank, write ? "write" : "read", len, remote, who, hc_op_kind_name(x->op->kind), x->op->seq,
@@ -301,8 +321,7 @@ int hc_single_copy_run(hc_exec *x) {
     sc_addr mine = {ADDR_MAGIC, (int32_t)getpid(), (uint32_t)buffers_usable(c, op), (uint64_t)(uintptr_t)op->sendbuf,
                     (uint64_t)(uintptr_t)op->recvbuf, (uint64_t)(uintptr_t)&c->cma_proof, c->cma_proof};
     a[c->rank] = mine;
-    int rc = send_all(x, &mine, sizeof mine);
-    if (rc == HC_OK) rc = recv_addrs(x, a);
+    int rc = exchange_addrs(x, a);
     if (rc == HC_OK && c->cma_state == STATE_UNTRIED) rc = agree_on_path(x, a);
     if (rc != HC_OK) return rc;
     int usable = c->cma_state == STATE_WORKS;
@@ -311,17 +330,21 @@ int hc_single_copy_run(hc_exec *x) {
         hc_log(HC_LOG_DEBUG, "%s: rank %d: %s #%" PRIu64 " of %zu elements (%s): %s", c->name, c->rank,
                hc_op_kind_name(op->kind), op->seq, op->count, hc_dtype_name(op->dtype),
                usable ? "single copy from the peers' buffers" : "rings (single copy not usable)");
-    if (!usable) return fall_back(x);
+    if (!usable) {
+        if (c->small_shm && (rc = hc_small_leave(x, 0)) != HC_OK) return rc;
+        return fall_back(x);
+    }
     switch (op->kind) {
     case HC_OP_ALLREDUCE: rc = allreduce(x, a); break;
     case HC_OP_ALLGATHER: rc = allgather(x, a); break;
     case HC_OP_REDUCE_SCATTER: rc = reduce_scatter(x, a); break;
     default: rc = broadcast(x, a); break;
     }
-    /* Peers may still be reading this rank's buffers until they say DONE. */
+    if (rc != HC_OK) return rc;
+    /* Peers may still be reading or writing this rank's buffers until every rank is done. */
+    if (c->small_shm) return hc_small_leave(x, 1);
     uint32_t done[c->size];
     done[c->rank] = 1;
-    if (rc == HC_OK) rc = send_all(x, &done[c->rank], sizeof done[0]);
-    if (rc == HC_OK) rc = recv_all(x, done, sizeof done[0]);
-    return rc;
+    rc = send_all(x, &done[c->rank], sizeof done[0]);
+    return rc == HC_OK ? recv_all(x, done, sizeof done[0]) : rc;
 }

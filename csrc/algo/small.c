@@ -64,12 +64,20 @@ static int oversubscribed(const hc_comm *c) {
     return n < c->size;
 }
 
-/* How long a wait polls before it sleeps on the futex (auto: 30 µs with a
- * core per rank, 50 µs without, see wait_word). */
-static long spin_ns(const hc_comm *c) {
-    int us = c->cfg.spin_us;
-    if (us < 0) us = oversubscribed(c) ? 50 : 30;
-    return (long)us * 1000;
+/* How long a wait polls before it sleeps on the futex. Auto: 30 µs with a
+ * core per rank, 50 µs without (see wait_word); for an op larger than the
+ * arena (single copy) as long as copying its bytes at 4 GB/s takes, up to
+ * SPIN_CAP_NS: its waits last about as long as the peers' copies, and a
+ * futex sleep ends in a wake-up that costs 0.1-0.2 ms in a VM (2 ranks,
+ * 256 KiB allgather: 225 µs a call sleeping after 30 µs, 80 µs spinning). */
+#define SPIN_CAP_NS 2000000
+static long spin_ns(const hc_comm *c, const hc_op *op) {
+    if (c->cfg.spin_us >= 0) return (long)c->cfg.spin_us * 1000;
+    long base = oversubscribed(c) ? 50000 : 30000;
+    size_t bytes = op->count * hc_dtype_size(op->dtype);
+    if (op->kind == HC_OP_ALLGATHER || op->kind == HC_OP_REDUCE_SCATTER) bytes *= (size_t)c->size;
+    long copy = (long)(bytes / 4 < SPIN_CAP_NS ? bytes / 4 : SPIN_CAP_NS);
+    return copy > base ? copy : base;
 }
 
 /* A yield that kept the core away this long ran another job's time slice
@@ -105,25 +113,28 @@ static int wait_failed(hc_exec *x, int peer, const char *what, int64_t start) {
 }
 
 /* A peer that ran this collective over the sockets: its call differs (or
- * its small-message settings do); the header check names the difference. */
+ * its small-message settings do); the header check names the difference.
+ * A peer that posted its slot sends socket messages of the op only on a
+ * path that uses both (single copy's first op). */
 static int socket_path_taken(hc_exec *x) {
     hc_comm *c = x->comm;
     for (int r = 0; r < c->size; r++)
-        for (hc_msg *m = c->peers[r].stash_head; m; m = m->next) {
+        for (hc_msg *m = posted_slot(c, x->op, r) ? NULL : c->peers[r].stash_head; m; m = m->next) {
             if (m->h.seq != x->op->seq) continue;
             int rc = hc_progress_check_header(c, x->op, &m->h);
             if (rc != HC_OK) return rc;
             char who[160];
             return hc_xfail(x, HC_ERR_MISMATCH,
                             "%s ran %s #%" PRIu64 " over the sockets while rank %d used shared memory: "
-                            "HETCOMM_SMALL_BYTES, HETCOMM_SHM or HETCOMM_ALGO differ across ranks",
+                            "HETCOMM_SMALL_BYTES, HETCOMM_SHM, HETCOMM_CMA or HETCOMM_ALGO differ across ranks",
                             hc_peer_desc(c, r, who, sizeof who), hc_op_kind_name(x->op->kind), x->op->seq, c->rank);
         }
     return HC_OK;
 }
 
 int hc_small_check_arena(hc_comm *c, hc_op *op) {
-    if (!c->arena) return HC_OK;
+    /* Not when this rank posted too: the op's path uses both. */
+    if (!c->arena || c->arena_seq[op->seq % HC_ARENA_REGIONS] == op->seq) return HC_OK;
     for (int r = 0; r < c->size; r++) {
         hc_arena_slot *s = r == c->rank ? NULL : posted_slot(c, op, r);
         if (!s) continue;
@@ -132,30 +143,41 @@ int hc_small_check_arena(hc_comm *c, hc_op *op) {
         char who[160];
         return hc_op_failf(op, HC_ERR_MISMATCH,
                            "%s ran %s #%" PRIu64 " through shared memory while rank %d used the sockets: "
-                           "HETCOMM_SMALL_BYTES, HETCOMM_SHM or HETCOMM_ALGO differ across ranks",
+                           "HETCOMM_SMALL_BYTES, HETCOMM_SHM, HETCOMM_CMA or HETCOMM_ALGO differ across ranks",
                            hc_peer_desc(c, r, who, sizeof who), hc_op_kind_name(op->kind), op->seq, c->rank);
     }
     return HC_OK;
 }
 
-/* Between sleeps: the sockets, abort requests, and the connections of the
- * ranks that have not arrived (all of them when `arrival` is 0). */
-static int serve(hc_exec *x, int arrival) {
+/* Between sleeps: abort requests and every peer's connection (a rank that
+ * arrived may have given up since, and said why). */
+static int serve(hc_exec *x) {
     hc_comm *c = x->comm;
     for (int r = 0; r < c->size; r++) {
-        if (r == c->rank || (arrival && posted_slot(c, x->op, r))) continue;
+        if (r == c->rank) continue;
         int rc = hc_progress_poll(c, x->op, r, 0);
         if (rc != HC_OK) return rc;
     }
     return socket_path_taken(x);
 }
 
+/* Counts this rank out of the collective it waits to start (see
+ * hc_arena_withdraw); 0 when every rank was in already. Its slot stays
+ * posted: the peers' errors name the rank that never came. */
+static int withdraw(hc_exec *x) { return hc_arena_withdraw(x->comm->arena, x->op->seq); }
+
+/* A failed arrival wait counts this rank out again. */
+static int give_up(hc_exec *x, int arrival, int rc) {
+    if (arrival) withdraw(x);
+    return rc;
+}
+
 /* Waits until `w` holds `want`: every rank arrived at this collective
- * (`arrival`), or left the one before it in this region. */
+ * (`arrival`), or left it, or the one before it in this region. */
 static int wait_word(hc_exec *x, hc_shm_word *w, uint32_t want, int arrival) {
     if (hc_shm_word_holds(w, want)) return HC_OK;
     hc_comm *c = x->comm;
-    int64_t start = hc_now_ns(), spin_until = start + spin_ns(c);
+    int64_t start = hc_now_ns(), spin_until = start + spin_ns(c, x->op);
     /* Spinning only pays when the peers run meanwhile; with more ranks than
      * cores the waiter yields its core instead: the rank sharing it runs its
      * part at once, without a futex round trip and the wake-up of a halted
@@ -190,14 +212,19 @@ static int wait_word(hc_exec *x, hc_shm_word *w, uint32_t want, int arrival) {
         int got = hc_shm_word_sleep(w, want, SLICE_US);
         if (got == 1) return HC_OK;
         if (got < 0 && !hc_on_worker)
-            return hc_xfail(x, HC_ERR_INTERRUPTED, "rank %d: %s #%" PRIu64 " interrupted by a signal", c->rank,
-                            hc_op_kind_name(x->op->kind), x->op->seq);
-        int rc = serve(x, arrival);
-        if (rc != HC_OK) return rc;
+            return give_up(x, arrival, hc_xfail(x, HC_ERR_INTERRUPTED, "rank %d: %s #%" PRIu64 " interrupted by a signal",
+                                                c->rank, hc_op_kind_name(x->op->kind), x->op->seq));
+        int rc = serve(x);
+        if (rc != HC_OK) return give_up(x, arrival, rc);
         if (hc_shm_word_holds(w, want)) return HC_OK;
-        if (hc_now_ns() >= deadline)
-            return arrival ? wait_failed(x, first_missing(c, x->op), "arrive", start)
-                           : wait_failed(x, -1, "finish the previous small collective", start);
+        if (hc_now_ns() < deadline) continue;
+        if (!arrival)
+            return wait_failed(x, -1, want == (uint32_t)x->op->seq ? "finish with this rank's buffers"
+                                                                  : "finish the previous small collective", start);
+        int missing = first_missing(c, x->op);
+        /* Every rank came in while this one gave up: the word is about to hold. */
+        if (!withdraw(x)) continue;
+        return wait_failed(x, missing, "arrive", start);
     }
 }
 
@@ -217,11 +244,10 @@ static int catch_up(hc_exec *x, int peer, uint32_t sent) {
     return HC_OK;
 }
 
-/* Fills this rank's slot with its call and input, and publishes it. */
-static void post(hc_exec *x, hc_arena_slot *s) {
+/* Fills this rank's slot with its call and `len` bytes of `data`, and publishes it. */
+static void post(hc_exec *x, hc_arena_slot *s, const void *data, size_t len) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
-    size_t len = input_bytes(c, op);
     hc_wire_header_init(&s->h, c, HC_MSG_DATA);
     s->h.op = (uint8_t)op->kind;
     s->h.dtype = (uint8_t)op->dtype;
@@ -231,17 +257,17 @@ static void post(hc_exec *x, hc_arena_slot *s) {
     s->h.count = op->count;
     s->h.len = len;
     for (int r = 0; r < c->size; r++) s->sent[r] = c->peers[r].tx_data;
-    if (len) memcpy(hc_arena_data(c->arena, s), op->sendbuf, len);
+    if (len) memcpy(hc_arena_data(c->arena, s), data, len);
     atomic_store_explicit(&s->posted, (uint32_t)op->seq, memory_order_release);
     atomic_fetch_add_explicit(&c->bytes_sent, len, memory_order_relaxed);
 }
 
-/* Every rank arrived: checks that each made the same call, and that the
- * socket messages each sent this rank before it are in. */
-static int check_peers(hc_exec *x) {
+/* Every rank arrived: checks that each made the same call and posted as
+ * many bytes, and that the socket messages each sent this rank before it
+ * are in. */
+static int check_peers(hc_exec *x, size_t len) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
-    size_t len = input_bytes(c, op);
     for (int r = 0; r < c->size; r++) {
         if (r == c->rank) continue;
         hc_arena_slot *s = hc_arena_slot_of(c->arena, op->seq, r);
@@ -258,6 +284,34 @@ static int check_peers(hc_exec *x) {
     return HC_OK;
 }
 
+int hc_small_gather(hc_exec *x, const void *data, size_t len) {
+    hc_comm *c = x->comm;
+    hc_op *op = x->op;
+    hc_arena *a = c->arena;
+    int rc;
+    /* The region's previous collective must be over on every rank. */
+    uint64_t *last = &c->arena_seq[op->seq % HC_ARENA_REGIONS];
+    if (*last && (rc = wait_word(x, hc_arena_freed(a, op->seq), (uint32_t)*last, 0)) != HC_OK) return rc;
+    *last = op->seq;
+    post(x, hc_arena_slot_of(a, op->seq, c->rank), data, len);
+    if (hc_arena_arrive(a, op->seq))
+        hc_arena_publish(a, op->seq);
+    else if ((rc = wait_word(x, hc_arena_generation(a, op->seq), (uint32_t)op->seq, 1)) != HC_OK)
+        return rc;
+    return check_peers(x, len);
+}
+
+const void *hc_small_peer_data(hc_exec *x, int rank) {
+    hc_arena *a = x->comm->arena;
+    return hc_arena_data(a, hc_arena_slot_of(a, x->op->seq, rank));
+}
+
+int hc_small_leave(hc_exec *x, int wait_all) {
+    hc_arena *a = x->comm->arena;
+    hc_arena_leave(a, x->op->seq);
+    return wait_all ? wait_word(x, hc_arena_freed(a, x->op->seq), (uint32_t)x->op->seq, 0) : HC_OK;
+}
+
 /* out = fold over ranks 0..n-1, in that order, of the `count` elements at
  * byte `offset` of each rank's slot. */
 static void fold(hc_exec *x, size_t offset, void *out) {
@@ -265,7 +319,7 @@ static void fold(hc_exec *x, size_t offset, void *out) {
     hc_op *op = x->op;
     size_t len = part_bytes(op);
     for (int r = 0; r < c->size; r++) {
-        const uint8_t *theirs = hc_arena_data(c->arena, hc_arena_slot_of(c->arena, op->seq, r)) + offset;
+        const uint8_t *theirs = (const uint8_t *)hc_small_peer_data(x, r) + offset;
         if (r == 0) {
             if (len) memcpy(out, theirs, len);
         } else {
@@ -278,32 +332,20 @@ static void fold(hc_exec *x, size_t offset, void *out) {
 int hc_small_run(hc_exec *x) {
     hc_comm *c = x->comm;
     hc_op *op = x->op;
-    hc_arena *a = c->arena;
     size_t len = part_bytes(op);
-    int me = c->rank, rc = HC_OK;
+    int me = c->rank, rc;
     if (hc_log_enabled(HC_LOG_DEBUG))
         hc_log(HC_LOG_DEBUG, "%s: rank %d: %s #%" PRIu64 " of %zu bytes a rank (%s): shared-memory arena", c->name, me,
                hc_op_kind_name(op->kind), op->seq, len, hc_dtype_name(op->dtype));
-    /* The region's previous collective must be over on every rank. */
-    uint64_t *last = &c->arena_seq[op->seq % HC_ARENA_REGIONS];
-    if (*last && (rc = wait_word(x, hc_arena_freed(a, op->seq), (uint32_t)*last, 0)) != HC_OK) return rc;
-    *last = op->seq;
-    post(x, hc_arena_slot_of(a, op->seq, me));
-    if (hc_arena_arrive(a, op->seq))
-        hc_arena_publish(a, op->seq);
-    else if ((rc = wait_word(x, hc_arena_generation(a, op->seq), (uint32_t)op->seq, 1)) != HC_OK)
-        return rc;
-    if ((rc = check_peers(x)) != HC_OK) return rc;
+    if ((rc = hc_small_gather(x, op->sendbuf, input_bytes(c, op))) != HC_OK) return rc;
     char *out = op->recvbuf;
     switch (op->kind) {
     case HC_OP_ALLREDUCE: fold(x, 0, out); break;
     case HC_OP_REDUCE_SCATTER: fold(x, (size_t)me * len, out); break;
     case HC_OP_ALLGATHER:
-        for (int r = 0; r < c->size && len; r++)
-            memcpy(out + (size_t)r * len, hc_arena_data(a, hc_arena_slot_of(a, op->seq, r)), len);
+        for (int r = 0; r < c->size && len; r++) memcpy(out + (size_t)r * len, hc_small_peer_data(x, r), len);
         break;
     default: break;
     }
-    hc_arena_leave(a, op->seq);
-    return HC_OK;
+    return hc_small_leave(x, 0);
 }

@@ -490,6 +490,14 @@ int hc_barrier_run(hc_exec *x);
 /* Small collectives through the arena: whether this op goes there, and the run. */
 int hc_small_fits(const hc_comm *comm, const hc_op *op);
 int hc_small_run(hc_exec *x);
+/* One round of op x through the arena, for any path that needs one:
+ * gather posts `len` bytes of `data` in this rank's slot (with the op's
+ * header), waits until every rank posted and checks that their calls and
+ * lengths agree; peer_data is rank r's posted bytes until leave; leave ends
+ * the round, and with `wait_all` waits until every rank left. */
+int hc_small_gather(hc_exec *x, const void *data, size_t len);
+const void *hc_small_peer_data(hc_exec *x, int rank);
+int hc_small_leave(hc_exec *x, int wait_all);
 /* For waits on the sockets: fails `op` when a peer ran it through the
  * arena (the calls or the small-message settings differ). */
 int hc_small_check_arena(hc_comm *comm, hc_op *op);

@@ -115,6 +115,15 @@ int hc_arena_arrive(hc_arena *a, uint64_t seq) {
     return 1;
 }
 
+int hc_arena_withdraw(hc_arena *a, uint64_t seq) {
+    arena_region *r = region_of(a, seq);
+    uint32_t k = atomic_load(&r->arrived);
+    /* 0 or every rank: the last arriver has counted this rank in for good. */
+    while (k > 0 && k < (uint32_t)a->nranks)
+        if (atomic_compare_exchange_weak(&r->arrived, &k, k - 1)) return 1;
+    return 0;
+}
+
 void hc_arena_publish(hc_arena *a, uint64_t seq) { hc_shm_word_post(&region_of(a, seq)->generation, (uint32_t)seq); }
 
 void hc_arena_leave(hc_arena *a, uint64_t seq) {

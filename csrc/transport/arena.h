@@ -71,6 +71,10 @@ static inline uint8_t *hc_arena_data(hc_arena *a, hc_arena_slot *s) {
 /* Counts this rank in for collective `seq`: 1 when it is the last of all
  * ranks (then it must call hc_arena_publish), else 0. */
 int hc_arena_arrive(hc_arena *a, uint64_t seq);
+/* Counts a rank that gives up waiting out again, so a rank arriving later
+ * waits too instead of reading slots (and buffers) it has let go of: 1 when
+ * withdrawn, 0 when every rank had arrived already (the collective goes on). */
+int hc_arena_withdraw(hc_arena *a, uint64_t seq);
 /* The last rank arrived: publishes `seq` on the generation word and wakes the sleepers. */
 void hc_arena_publish(hc_arena *a, uint64_t seq);
 /* The generation word of collective `seq`'s region: it holds (uint32_t)seq once all arrived. */
