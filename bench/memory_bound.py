@@ -1,4 +1,4 @@
-"""What this host's memory allows large collectives on one host, beside what hetcomm and gloo reach.
+"""What this host's memory allows large collectives on one host (an estimate), beside what hetcomm and gloo reach.
 
 Tensors live in each process's private memory, so every byte a rank needs
 from a peer is copied once more than within one process: by the kernel
@@ -11,22 +11,28 @@ core copying at once as during a collective:
 * ``cma_all``: a core's ``process_vm_readv`` rate from another process
   while every core does the same;
 
-each the best of ``--repeats`` (so the bounds below err high), and from
-them an upper bound on busbw (nccl-tests' definition) that no algorithm
-moving data between private buffers can pass. A byte that crosses between
-ranks costs at least ``1 / R`` of a core's time, ``R = max(cma_all,
-memcpy_all / 2)``, and ``n`` ranks share ``P`` cores:
+each the best of ``--repeats``, on 64 MiB buffers in huge pages where the
+kernel grants them (as hetcomm asks for its buffers, ``HETCOMM_HUGEPAGES``),
+and from them an estimate of the busbw (nccl-tests' definition) an
+algorithm moving data between private buffers can reach if every byte it
+moves costs a copy from memory to memory. It is not a bound: a copy into
+or out of cache is cheaper (hetcomm's allreduce reads its peers' blocks
+into a scratch that stays in L2, and at 16 MiB much of a buffer is still
+in L3), and hetcomm has passed it. With a byte that crosses between
+ranks costing ``1 / R`` of a core's time, ``R = max(cma_all,
+memcpy_all / 2)``, and ``n`` ranks sharing ``P`` cores:
 
 * allreduce: a rank receives at least ``2(n-1)/n`` of the buffer (the
-  bandwidth lower bound of any allreduce), so ``busbw <= P R / n``;
+  bandwidth lower bound of any allreduce), so ``busbw ~ P R / n``;
 * allgather (input and output apart, as ``all_gather_into_tensor``): a rank
   receives ``(n-1)/n`` of its output and copies its own ``1/n``, so
-  ``busbw <= P (n-1) / (n ((n-1)/R + 1/memcpy_all))``.
+  ``busbw ~ P (n-1) / (n ((n-1)/R + 1/memcpy_all))``.
 
 Both leave out the arithmetic of the fold, every control message and any
 skew between ranks. Then it runs ``hetcomm-bench --via torch --compare
-gloo`` on the same sizes and prints each row beside the bound and the
-targets of issue 15 (50 % of ``memcpy``; 4x gloo's busbw in the same run).
+gloo`` on the same sizes and prints each row beside the estimate and the
+targets of issue 15 (50 % of ``memcpy``; 4x gloo's busbw in the same run),
+and which targets lie above the estimate.
 
     python bench/memory_bound.py -n 2,4 --sizes 16M,32M,64M --json bench/results/memory_bound.json
 
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import mmap
 import multiprocessing as mp
 import os
 import subprocess
@@ -63,13 +70,24 @@ def _read_peer(libc, pid: int, dst: np.ndarray, remote: int) -> None:
         raise OSError(ctypes.get_errno(), f"process_vm_readv read {done} of {dst.nbytes} bytes from pid {pid}")
 
 
+def _huge_buffer() -> np.ndarray:
+    """COPY_BYTES, 2 MiB-aligned, asked to be backed by huge pages before it is touched."""
+    huge = 2 << 20
+    area = mmap.mmap(-1, COPY_BYTES + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(area)) % huge
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        area.madvise(mmap.MADV_HUGEPAGE, start, COPY_BYTES)
+    return np.frombuffer(area, np.uint8, COPY_BYTES, start)
+
+
 def _copier(me: int, procs: int, mode: str, repeats: int, barrier, table, results) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.process_vm_readv.restype = ctypes.c_ssize_t
     libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
                                       ctypes.c_ulong]
-    src = np.ones(COPY_BYTES, np.uint8)
-    dst = np.zeros(COPY_BYTES, np.uint8)
+    src, dst = _huge_buffer(), _huge_buffer()
+    src.fill(1)
+    dst.fill(0)
     table[me] = (os.getpid(), src.ctypes.data)
     barrier.wait()
     peer_pid, peer_src = table[(me + 1) % procs]
@@ -81,6 +99,7 @@ def _copier(me: int, procs: int, mode: str, repeats: int, barrier, table, result
         t0 = time.perf_counter()
         copy()
         best = min(best, time.perf_counter() - t0)
+    barrier.wait()  # the peer reading this process's buffer is done with it before it is freed
     results.put(COPY_BYTES / best / 1e9)
 
 
@@ -100,8 +119,8 @@ def concurrent_rate(mode: str, procs: int, repeats: int) -> float:
     return min(rates)
 
 
-def bounds(n: int, cores: int, memcpy_all: float, cma_all: float) -> dict[str, float]:
-    """Upper bounds on busbw (GB/s) for ``n`` ranks on ``cores`` cores (see the module's docstring)."""
+def estimates(n: int, cores: int, memcpy_all: float, cma_all: float) -> dict[str, float]:
+    """Estimated busbw (GB/s) for ``n`` ranks on ``cores`` cores (see the module's docstring)."""
     p = min(n, cores)
     cross = max(cma_all, memcpy_all / 2)
     return {"allreduce": p * cross / n,
@@ -123,31 +142,31 @@ def main() -> None:
     ap.add_argument("--sizes", default="16M,32M,64M")
     ap.add_argument("--ops", default="allreduce,allgather")
     ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--json", help="write the rates, bounds and rows here")
+    ap.add_argument("--json", help="write the rates, estimates and rows here")
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     doc: dict = {"cores": cores, "runs": []}
     print(f"# {cores} cores; rates in GB/s (bytes copied per second), best of {args.repeats}; busbw in GB/s")
-    print(f"# {'ranks':>5} {'op':<10} {'size':>6} {'memcpy':>7} {'mc_all':>7} {'cma_all':>7} {'bound':>6} "
-          f"{'hetcomm':>8} {'gloo':>6} {'x gloo':>6} {'50%mc':>6} {'4xgloo':>6}  above the bound")
+    print(f"# {'ranks':>5} {'op':<10} {'size':>6} {'memcpy':>7} {'mc_all':>7} {'cma_all':>7} {'est.':>6} "
+          f"{'hetcomm':>8} {'gloo':>6} {'x gloo':>6} {'50%mc':>6} {'4xgloo':>6}  above the estimate")
     for n in (int(s) for s in args.world_sizes.split(",")):
         procs = min(n, cores)
         memcpy = memcpy_gbps()
         memcpy_all = concurrent_rate("memcpy", procs, args.repeats)
         cma_all = concurrent_rate("cma", procs, args.repeats)
-        limit = bounds(n, cores, memcpy_all, cma_all)
+        limit = estimates(n, cores, memcpy_all, cma_all)
         bench = run_bench(n, args.sizes, args.ops)
-        run = {"world_size": n, "memcpy": memcpy, "memcpy_all": memcpy_all, "cma_all": cma_all, "bounds": limit,
+        run = {"world_size": n, "memcpy": memcpy, "memcpy_all": memcpy_all, "cma_all": cma_all, "estimates": limit,
                "rows": []}
         for row in bench["rows"]:
             ours, gloo = row["busbw_GBps"], row["compare"]["busbw_GBps"]
-            bound = limit[row["op"]]
+            estimate = limit[row["op"]]
             targets = {"50% memcpy": memcpy / 2, "4x gloo": 4 * gloo}
-            over = [name for name, value in targets.items() if value > bound]
-            run["rows"].append({"op": row["op"], "size": row["size"], "hetcomm": ours, "gloo": gloo, "bound": bound,
-                                "targets": targets, "targets_above_bound": over})
+            over = [name for name, value in targets.items() if value > estimate]
+            run["rows"].append({"op": row["op"], "size": row["size"], "hetcomm": ours, "gloo": gloo,
+                                "estimate": estimate, "targets": targets, "targets_above_estimate": over})
             print(f"  {n:>5} {row['op']:<10} {row['size'] >> 20:>5}M {memcpy:7.2f} {memcpy_all:7.2f} {cma_all:7.2f} "
-                  f"{bound:6.2f} {ours:8.2f} {gloo:6.2f} {ours / gloo:6.2f} {memcpy / 2:6.2f} {4 * gloo:6.2f}  "
+                  f"{estimate:6.2f} {ours:8.2f} {gloo:6.2f} {ours / gloo:6.2f} {memcpy / 2:6.2f} {4 * gloo:6.2f}  "
                   f"{', '.join(over) or '-'}")
         doc["runs"].append(run)
     if args.json:

@@ -7,6 +7,7 @@ takes (with more ranks than cores the two differ).
 
     python bench/small_loop.py -n 4 --backend hetcomm --ops allreduce,allgather --sizes 4,4096
     HETCOMM_SPIN_US=0 python bench/small_loop.py -n 4      # sleep at once instead of yielding
+    python bench/small_loop.py -n 4 --alone                 # the same calls, each process in a group of one
 
 Run under ``flock /tmp/hetcomm-bench.lock`` beside other benchmarks.
 """
@@ -19,7 +20,12 @@ import resource
 import time
 
 
-def _rank(rank: int, world: int, backend: str, op: str, size: int, iters: int, port: int, results) -> None:
+def _rank(rank: int, world: int, backend: str, op: str, size: int, iters: int, port: int, alone: bool,
+          results) -> None:
+    if alone:  # a group of one on a port of its own
+        from hetcomm.bench.launcher import free_port
+
+        port, rank, world = free_port(), 0, 1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import torch
     import torch.distributed as dist
@@ -42,7 +48,7 @@ def _rank(rank: int, world: int, backend: str, op: str, size: int, iters: int, p
         call()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    results.put((rank, wall / iters * 1e6, cpu / iters * 1e6, (usage.ru_nvcsw - usage0.ru_nvcsw) / iters,
+    results.put((os.getpid(), wall / iters * 1e6, cpu / iters * 1e6, (usage.ru_nvcsw - usage0.ru_nvcsw) / iters,
                  (usage.ru_nivcsw - usage0.ru_nivcsw) / iters))
     dist.destroy_process_group()
 
@@ -56,6 +62,9 @@ def main() -> None:
     ap.add_argument("--ops", default="allreduce,allgather,reduce_scatter")
     ap.add_argument("--sizes", default="4,4096", help="bytes per rank's input, comma-separated")
     ap.add_argument("--iters", type=int, default=3000)
+    ap.add_argument("--alone", action="store_true",
+                    help="each process calls in a group of its own: what the calls cost without any exchange, "
+                         "with as many processes sharing the cores")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     print(f"{'op':<15} {'bytes':>6} {'wall us/call':>13} {'CPU us/call, all ranks':>23} {'switches/call':>14}")
@@ -64,7 +73,7 @@ def main() -> None:
             results = ctx.Queue()
             port = free_port()
             procs = [ctx.Process(target=_rank, args=(r, args.world_size, args.backend, op, size, args.iters, port,
-                                                     results)) for r in range(args.world_size)]
+                                                     args.alone, results)) for r in range(args.world_size)]
             for p in procs:
                 p.start()
             rows = sorted(results.get(timeout=600) for _ in procs)
