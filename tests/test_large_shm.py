@@ -366,10 +366,11 @@ def _anon_huge_kb(address: int) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-def _reused_buffer(rank: int, size: int, hugepages: bool) -> tuple[int, int]:
-    """Three in-place allreduces of one 16 MiB buffer in 4 KiB pages; returns
-    the huge KiB under it after them and the elements that differ from the
-    reference."""
+def _reused_buffer(rank: int, size: int, hugepages: bool) -> tuple[int, int, int]:
+    """Three in-place allreduces of one 16 MiB buffer; returns the huge KiB
+    under it before and after them (before: none where THP is "madvise" or
+    "never", maybe some under "always") and the elements that differ from
+    the reference."""
     import mmap
 
     import hetcomm
@@ -380,6 +381,8 @@ def _reused_buffer(rank: int, size: int, hugepages: bool) -> tuple[int, int]:
     base = (np.arange(count) % 1024).astype(np.float32)
     expected = base * size + sum(range(size))
     wrong = 0
+    x[:] = base
+    before = _anon_huge_kb(x.ctypes.data)
     with hetcomm.Communicator(rank, size, timeout=60, options=hetcomm.Options(hugepages=hugepages)) as comm:
         for _ in range(3):
             x[:] = base + rank
@@ -388,7 +391,7 @@ def _reused_buffer(rank: int, size: int, hugepages: bool) -> tuple[int, int]:
         huge = _anon_huge_kb(x.ctypes.data)
     del x
     area.close()
-    return huge, wrong
+    return before, huge, wrong
 
 
 @pytest.mark.timeout(120)
@@ -399,8 +402,9 @@ def test_reused_buffers_get_huge_pages_and_stay_exact():
     results = run_ranks(_reused_buffer, 2, True, timeout=90)
     # The first call marks the buffer, the second collapses at least the
     # 14 MiB of it that 2 MiB pages can cover wherever it starts.
-    for rank, (huge, wrong) in enumerate(results):
+    for rank, (_, huge, wrong) in enumerate(results):
         assert wrong == 0, f"rank {rank}: {wrong} elements differ from numpy's sum"
         assert huge >= 14 << 10, f"rank {rank}: only {huge} KiB of the buffer in huge pages"
     off = run_ranks(_reused_buffer, 2, False, timeout=90)
-    assert off == [(0, 0), (0, 0)], off
+    for rank, (before, huge, wrong) in enumerate(off):
+        assert wrong == 0 and huge == before, f"rank {rank}, hugepages off: {before} -> {huge} KiB huge, {wrong} wrong"
