@@ -190,9 +190,10 @@ typedef struct hc_config {
     int spin_us;               /* small collectives on one host: poll this long for a peer
                                   before sleeping on a futex (spinning with a core per rank,
                                   yielding the core without); -1: auto (30, or 50 without) */
-    int cma_enable;            /* 1: large collectives between ranks of one host read the
-                                  peers' buffers directly (process_vm_readv), falling back to
-                                  the lanes where the kernel refuses; must match on all ranks */
+    int cma_enable;            /* 1: large collectives between ranks of one host read and write
+                                  the peers' buffers directly (process_vm_readv/writev), falling
+                                  back to the lanes where the kernel refuses; must match on all
+                                  ranks */
     int hugepages;             /* 1: buffers of those collectives get huge pages (their 2 MiB
                                   interior, collapsed when a buffer is used a second time);
                                   this rank's choice alone */

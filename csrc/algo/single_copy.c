@@ -173,21 +173,20 @@ static int copy_peer(hc_exec *x, int r, const sc_addr *a, void *mine, uint64_t r
     int e = write ? hc_cma_write(a->pid, mine, remote, len) : hc_cma_read(a->pid, mine, remote, len);
     if (!e) return HC_OK;
     hc_comm *c = x->comm;
-    /* A peer that gave up on the op (a timeout, an abort) said so before it let go of its buffers. */
-    int rc = hc_progress_poll(c, x->op, r, 0);
+    int gone = e == ESRCH || (e == EFAULT && kill(a->pid, 0) != 0 && errno == ESRCH);
+    /* A peer whose op already failed (an abort, a timeout) may have let go
+     * of its buffers, or exited: its ABORT, sent before that, is the error
+     * to report (still in flight for up to ABORT_GRACE_MS, unless it is gone). */
+    int rc = hc_progress_poll(c, x->op, r, gone ? 0 : ABORT_GRACE_MS);
     if (rc != HC_OK) return rc;
     char who[160];
     hc_peer_desc(c, r, who, sizeof who);
-    if (e == ESRCH || (e == EFAULT && kill(a->pid, 0) != 0 && errno == ESRCH)) {
+    if (gone) {
         rc = hc_xfail(x, HC_ERR_PEER_LOST, "%s exited while rank %d %s its buffer in %s #%" PRIu64, who, c->rank,
                       write ? "wrote" : "read", hc_op_kind_name(x->op->kind), x->op->seq);
         hc_member_fail(c, r, "its process is gone (process_vm_readv/writev found no such process)");
         return rc;
     }
-    /* A peer whose op already failed (an abort, a timeout) may have let go
-     * of its buffers: its ABORT, sent before that, is the error to report. */
-    rc = hc_progress_poll(c, x->op, r, ABORT_GRACE_MS);
-    if (rc != HC_OK) return rc;
     return hc_xfail(x, HC_ERR_TRANSPORT, "rank %d could not %s %zu bytes at %#" PRIx64 " of %s in %s #%" PRIu64 ": %s",
                     c->rank, write ? "write" : "read", len, remote, who, hc_op_kind_name(x->op->kind), x->op->seq,
                     strerror(e));

@@ -74,7 +74,7 @@ static int oversubscribed(const hc_comm *c) {
 static long spin_ns(const hc_comm *c, const hc_op *op) {
     if (c->cfg.spin_us >= 0) return (long)c->cfg.spin_us * 1000;
     long base = oversubscribed(c) ? 50000 : 30000;
-    size_t bytes = op->count * hc_dtype_size(op->dtype);
+    size_t bytes = part_bytes(op);
     if (op->kind == HC_OP_ALLGATHER || op->kind == HC_OP_REDUCE_SCATTER) bytes *= (size_t)c->size;
     long copy = (long)(bytes / 4 < SPIN_CAP_NS ? bytes / 4 : SPIN_CAP_NS);
     return copy > base ? copy : base;
@@ -161,14 +161,10 @@ static int serve(hc_exec *x) {
     return socket_path_taken(x);
 }
 
-/* Counts this rank out of the collective it waits to start (see
- * hc_arena_withdraw); 0 when every rank was in already. Its slot stays
- * posted: the peers' errors name the rank that never came. */
-static int withdraw(hc_exec *x) { return hc_arena_withdraw(x->comm->arena, x->op->seq); }
-
-/* A failed arrival wait counts this rank out again. */
+/* A failed arrival wait counts this rank out again (hc_arena_withdraw).
+ * Its slot stays posted: the peers' errors name the rank that never came. */
 static int give_up(hc_exec *x, int arrival, int rc) {
-    if (arrival) withdraw(x);
+    if (arrival) hc_arena_withdraw(x->comm->arena, x->op->seq);
     return rc;
 }
 
@@ -223,7 +219,7 @@ static int wait_word(hc_exec *x, hc_shm_word *w, uint32_t want, int arrival) {
                                                                   : "finish the previous small collective", start);
         int missing = first_missing(c, x->op);
         /* Every rank came in while this one gave up: the word is about to hold. */
-        if (!withdraw(x)) continue;
+        if (!hc_arena_withdraw(c->arena, x->op->seq)) continue;
         return wait_failed(x, missing, "arrive", start);
     }
 }
